@@ -1,0 +1,194 @@
+"""The B-MTARD distiller: a keras.Model whose train_step is the paper's algorithm (SPEC 1.1-1.4).
+
+One training step, on a batch (x, y):
+  1. x' = PGD on the student's cross-entropy (student in inference mode), from x + 0.001 N(0, I);
+  2. p_a = softmax(T_a(x') / tau_a), p_n = softmax(T_n(x) / tau_n) from the frozen teachers;
+  3. L_adv = KL(p_a, S(x')), L_nat = KL(p_n, S(x)) with the student in training mode;
+  4. Normalization Loss Balance updates (w_adv, w_nat) from this step's losses, and L = w_adv L_adv + w_nat L_nat
+     with the updated weights (as the reference does);
+  5. an SGD step on the student only (coupled L2 weight decay, as PyTorch's SGD);
+  6. Entropy-Based Balance updates (tau_a, tau_n) for the next step.
+Statistics that drive the balancing rules are cross-replica means, so the state is the same on every replica.
+"""
+
+import keras
+import tensorflow as tf
+
+from mtard_tf import attacks, balancing, losses
+
+BALANCES = ("b_mtard", "mtard")
+
+
+def _value_at(rate, step):
+    """A float, or a schedule evaluated at the optimizer step."""
+    return tf.cast(rate(step) if callable(rate) else rate, tf.float32)
+
+
+def global_mean(per_example):
+    """Mean of a per-example vector over the global batch (all replicas)."""
+    replica = tf.distribute.get_replica_context()
+    total = replica.all_reduce("sum", tf.reduce_sum(per_example))
+    count = replica.all_reduce("sum", tf.cast(tf.size(per_example), tf.float32))
+    return total / count
+
+
+def replica_noise(sample, x, seed):
+    """This replica's slice of noise drawn for the whole global batch from a stateless seed.
+
+    Each example gets the same noise whatever the number of replicas, so 1 and N replicas compute the same step.
+    """
+    replica = tf.distribute.get_replica_context()
+    replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int32)
+    batch = tf.shape(x)[0]
+    shape = tf.concat([[batch * replica.num_replicas_in_sync], tf.shape(x)[1:]], axis=0)
+    return sample(shape, seed)[replica_id * batch:(replica_id + 1) * batch]
+
+
+class Distiller(keras.Model):
+    """Distils `student` from a clean teacher (on x) and a robust teacher (on the student's adversarial x')."""
+
+    def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", epsilon=8 / 255,
+                 attack_steps=10, attack_step_size=2 / 255, kl_scale=1.0, weight_rate=0.025,
+                 temperature_rate=0.001, temperature_min=1.0, temperature_max=10.0, beta=1.0,
+                 weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, **kwargs):
+        super().__init__(**kwargs)
+        if balance not in BALANCES:
+            raise ValueError(f"unknown balance '{balance}', expected one of {', '.join(BALANCES)}")
+        self.student = student
+        self.clean_teacher = clean_teacher
+        self.robust_teacher = robust_teacher
+        for teacher in (clean_teacher, robust_teacher):
+            teacher.trainable = False
+        self.balance = balance
+        self.epsilon = float(epsilon)
+        self.attack_steps = int(attack_steps)
+        self.attack_step_size = float(attack_step_size)
+        self.kl_scale = float(kl_scale)
+        self.weight_rate = weight_rate
+        self.temperature_rate = temperature_rate
+        self.temperature_min = float(temperature_min)
+        self.temperature_max = float(temperature_max)
+        self.beta = float(beta)
+        self.weight_decay = float(weight_decay)
+        self.eval_attack_steps = int(eval_attack_steps)
+        self.eval_step_size = float(eval_step_size)
+        self.seed = int(seed)
+
+        def state(name, value):
+            return self.add_weight(name=name, shape=(), initializer=keras.initializers.Constant(value),
+                                   dtype="float32", trainable=False, autocast=False,
+                                   aggregation="only_first_replica")
+
+        self.temperature_adv = state("temperature_adv", 1.0)
+        self.temperature_nat = state("temperature_nat", 1.0)
+        self.weight_adv = state("weight_adv", 0.5)
+        self.weight_nat = state("weight_nat", 0.5)
+        self.initial_kl_adv = state("initial_kl_adv", 0.0)
+        self.initial_kl_nat = state("initial_kl_nat", 0.0)
+        self.initial_kl_set = state("initial_kl_set", 0.0)
+        self.eval_batches = state("eval_batches", 0.0)  # seeds the evaluation attack's random start
+        self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
+        self.pgd_accuracy = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+
+    @property
+    def metrics(self):
+        return [self.clean_accuracy, self.pgd_accuracy]
+
+    def call(self, images, training=False):
+        return self.student(images, training=training)
+
+    def student_attack_objective(self, labels):
+        """Cross-entropy of the student in inference mode: the objective of the training-time PGD."""
+        return lambda images: losses.cross_entropy(labels, self.student(images, training=False))
+
+    def balance_state(self):
+        return {"temperature_adv": self.temperature_adv, "temperature_nat": self.temperature_nat,
+                "weight_adv": self.weight_adv, "weight_nat": self.weight_nat,
+                "initial_kl_adv": self.initial_kl_adv, "initial_kl_nat": self.initial_kl_nat}
+
+    def update_loss_weights(self, kl_adv, kl_nat, step):
+        """Normalization Loss Balance (SPEC 1.4); the first step's losses become L(0)."""
+        first = self.initial_kl_set < 0.5
+        self.initial_kl_adv.assign(tf.where(first, kl_adv, self.initial_kl_adv))
+        self.initial_kl_nat.assign(tf.where(first, kl_nat, self.initial_kl_nat))
+        self.initial_kl_set.assign(1.0)
+        weight_adv, weight_nat = balancing.loss_balance(
+            self.weight_adv, self.weight_nat,
+            balancing.relative_progress(kl_adv, self.initial_kl_adv, self.beta),
+            balancing.relative_progress(kl_nat, self.initial_kl_nat, self.beta),
+            _value_at(self.weight_rate, step))
+        self.weight_adv.assign(weight_adv)
+        self.weight_nat.assign(weight_nat)
+        return weight_adv, weight_nat
+
+    def update_temperatures(self, entropy_adv, entropy_nat, step):
+        """Entropy-Based Balance (SPEC 1.3); MTARD (ECCV 2022) keeps both temperatures at 1."""
+        if self.balance != "b_mtard":
+            return
+        temperature_adv, temperature_nat = balancing.entropy_balance(
+            self.temperature_adv, self.temperature_nat, entropy_adv, entropy_nat,
+            _value_at(self.temperature_rate, step), self.temperature_min, self.temperature_max)
+        self.temperature_adv.assign(temperature_adv)
+        self.temperature_nat.assign(temperature_nat)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        step = tf.cast(self.optimizer.iterations, tf.int64)
+        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        temperature_adv = tf.identity(self.temperature_adv)
+        temperature_nat = tf.identity(self.temperature_nat)
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+
+        # 1. The student's adversarial examples (SPEC 1.1).
+        noise = replica_noise(tf.random.stateless_normal, images, tf.stack([tf.cast(self.seed, tf.int64), step]))
+        images_adv = attacks.pgd(self.student_attack_objective(labels), images,
+                                 attacks.normal_start(images, noise), epsilon=self.epsilon,
+                                 step_size=self.attack_step_size, steps=self.attack_steps)
+
+        # 2. Frozen teachers in inference mode, at this step's temperatures.
+        probs_adv = losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv)
+        probs_nat = losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat)
+
+        student_variables = self.student.trainable_variables
+        with tf.GradientTape() as tape:
+            # 3. Distillation losses, student in training mode.
+            kl_adv_per_example = losses.distillation_kl(self.student(images_adv, training=True), probs_adv)
+            kl_nat_per_example = losses.distillation_kl(self.student(images, training=True), probs_nat)
+            kl_adv = global_mean(tf.stop_gradient(kl_adv_per_example))
+            kl_nat = global_mean(tf.stop_gradient(kl_nat_per_example))
+            # 4. Loss weights from this step's losses, then the weighted loss.
+            weight_adv, weight_nat = self.update_loss_weights(kl_adv, kl_nat, step)
+            per_example = self.kl_scale * (weight_adv * kl_adv_per_example + weight_nat * kl_nat_per_example)
+            global_batch = tf.shape(images)[0] * replicas
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in student_variables])
+            regularized = loss + tf.nn.scale_regularization_loss(0.5 * self.weight_decay * l2)
+            scaled = self.optimizer.scale_loss(regularized)
+        # 5. Update the student only.
+        gradients = tape.gradient(scaled, student_variables)
+        self.optimizer.apply_gradients(zip(gradients, student_variables))
+
+        # 6. Teacher temperatures for the next step.
+        entropy_adv = global_mean(losses.teacher_entropy(probs_adv))
+        entropy_nat = global_mean(losses.teacher_entropy(probs_nat))
+        self.update_temperatures(entropy_adv, entropy_nat, step)
+
+        return {"loss": self.kl_scale * (weight_adv * kl_adv + weight_nat * kl_nat),
+                "kl_adv": kl_adv, "kl_nat": kl_nat, "weight_adv": weight_adv, "weight_nat": weight_nat,
+                "temperature_adv": temperature_adv, "temperature_nat": temperature_nat,
+                "entropy_adv": entropy_adv, "entropy_nat": entropy_nat, "learning_rate": learning_rate}
+
+    def test_step(self, data):
+        """Clean and PGD-20 (SPEC 2, PGD-SAT: uniform start, step 2/255, CE) accuracy of the student."""
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        seed = tf.stack([tf.cast(self.seed, tf.int64) + 1, tf.cast(self.eval_batches, tf.int64)])
+        self.eval_batches.assign_add(1.0)
+        noise = replica_noise(lambda shape, s: tf.random.stateless_uniform(shape, s, -1.0, 1.0), images, seed)
+        start = attacks.uniform_start(images, noise, self.epsilon)
+        images_adv = attacks.pgd(self.student_attack_objective(labels), images, start, epsilon=self.epsilon,
+                                 step_size=self.eval_step_size, steps=self.eval_attack_steps)
+        self.clean_accuracy.update_state(labels, self.student(images, training=False))
+        self.pgd_accuracy.update_state(labels, self.student(images_adv, training=False))
+        return {"clean_accuracy": self.clean_accuracy.result(), "pgd_accuracy": self.pgd_accuracy.result()}

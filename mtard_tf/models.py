@@ -1,0 +1,376 @@
+"""Model registry: the students and teachers of the paper (SPEC 1.6) as Keras functional models.
+
+A model is named by a spec string, `NAME` or `NAME:key=value,key=value` (values are parsed as int, then float,
+then kept as a string), e.g. `resnet18`, `resnet18:width=8,blocks=1`, `cifar_resnet:depth=20`,
+`wrn34_10:depth=10,widen=1`, `mobilenetv2:width_multiplier=0.25`. Library code receives the spec string; it never
+reads flags.
+
+Every model maps float32 images in [0, 1] of `input_shape` to float32 logits [B, num_classes]. The models are built
+from built-in Keras layers only, so `model.save("x.keras")` / `keras.models.load_model("x.keras")` need no custom
+objects. They reproduce the PyTorch definitions the published checkpoints were trained with, numerically:
+
+* `resnet18`: the CIFAR ResNet-18 of kuangliu/pytorch-cifar (as used by RSLAD / MTARD students).
+* `resnet56` / `cifar_resnet`: the CIFAR ResNet of chenyaofo/pytorch-cifar-models, which is the definition the
+  MTARD reference code uses for its clean ResNet-56 teacher: He et al.'s 16-32-64 network with torchvision-style
+  BasicBlocks and a 1x1 conv + BN projection shortcut ("option B") where the shape changes.
+* `wrn34_10` / `wide_resnet`: the TRADES WideResNet (yaodongyu/TRADES models/wideresnet.py), pre-activation
+  blocks. The TRADES module also defines an unused `sub_block1`; it is not part of this model (the importer
+  ignores its tensors).
+* `mobilenetv2`: the CIFAR MobileNetV2 of kuangliu/pytorch-cifar (ReLU, stride-1 stem, 1x1 conv to 1280).
+
+PyTorch compatibility: 3x3 convolutions with stride 2 pad symmetrically (`ZeroPadding2D(1)` + a "valid" conv, as
+PyTorch's padding=1 does; Keras "same" would pad only bottom/right), BatchNormalization(epsilon=1e-5,
+momentum=0.9) (PyTorch's eps=1e-5, momentum=0.1), and the layer order of the PyTorch code. Keras layer names
+are the PyTorch module paths with "." replaced by "_" (e.g. `layer2_0_shortcut_0`), which is what
+`mtard_tf.import_torch` relies on.
+
+Input normalisation: none by default (the paper's checkpoints take [0, 1] inputs). A checkpoint trained on
+normalised inputs (e.g. chenyaofo's pretrained ResNet-56) is used with the `normalize` kwarg, which puts a
+`keras.layers.Normalization` with fixed mean/variance right after the input: `normalize=cifar10` or
+`normalize=cifar100` (chenyaofo's training statistics), or six numbers `m0/m1/m2/s0/s1/s2` (per-channel mean,
+then per-channel std).
+
+Mixed precision: the classifier is a float32 Dense, so the logits are float32 under a "mixed_float16" policy.
+"""
+
+import keras
+
+# Per-channel (mean, std) of the published normalised training pipelines (chenyaofo/pytorch-cifar-models).
+NORMALIZATION_PRESETS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)),
+}
+
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
+
+
+def resolve_normalization(normalize):
+    """None / "none" -> None; a preset name or "m0/m1/m2/s0/s1/s2" or a (mean, std) pair -> (mean, std) tuples."""
+    if normalize is None:
+        return None
+    if isinstance(normalize, str):
+        text = normalize.strip().lower()
+        if text in ("", "none", "false", "0"):
+            return None
+        if text in NORMALIZATION_PRESETS:
+            return NORMALIZATION_PRESETS[text]
+        parts = text.split("/")
+        try:
+            numbers = [float(p) for p in parts]
+        except ValueError:
+            numbers = []
+        if len(numbers) != 6 or any(s <= 0 for s in numbers[3:]):
+            raise ValueError(
+                f"normalize={normalize!r}: expected none, {', '.join(sorted(NORMALIZATION_PRESETS))} or six numbers "
+                "m0/m1/m2/s0/s1/s2 (positive stds)")
+        return tuple(numbers[:3]), tuple(numbers[3:])
+    mean, std = normalize
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class _Builder:
+    """Small helpers that create layers named after the PyTorch module paths."""
+
+    def __init__(self, sync_batchnorm):
+        self.sync_batchnorm = sync_batchnorm
+
+    @staticmethod
+    def name(path):
+        return path.replace(".", "_")
+
+    def conv(self, x, path, filters, kernel_size, stride=1, use_bias=False):
+        """nn.Conv2d(kernel_size, stride, padding=kernel_size // 2) with PyTorch's symmetric padding."""
+        padding = "valid"
+        if kernel_size > 1:
+            if stride == 1:
+                padding = "same"  # symmetric for odd kernels at stride 1
+            else:
+                x = keras.layers.ZeroPadding2D(kernel_size // 2, name=self.name(path) + "_pad")(x)
+        return keras.layers.Conv2D(
+            filters, kernel_size, strides=stride, padding=padding, use_bias=use_bias,
+            kernel_initializer="he_normal", name=self.name(path))(x)
+
+    def depthwise(self, x, path, stride=1):
+        """nn.Conv2d(C, C, 3, stride, padding=1, groups=C, bias=False)."""
+        padding = "same"
+        if stride != 1:
+            x = keras.layers.ZeroPadding2D(1, name=self.name(path) + "_pad")(x)
+            padding = "valid"
+        return keras.layers.DepthwiseConv2D(
+            3, strides=stride, padding=padding, use_bias=False, depthwise_initializer="he_normal",
+            name=self.name(path))(x)
+
+    def bn(self, x, path):
+        return keras.layers.BatchNormalization(
+            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=self.sync_batchnorm, name=self.name(path))(x)
+
+    def relu(self, x, name):
+        return keras.layers.ReLU(name=self.name(name))(x)
+
+    def add(self, a, b, name):
+        return keras.layers.Add(name=self.name(name))([a, b])
+
+    def head(self, x, path, num_classes, pool_name="avgpool"):
+        x = keras.layers.GlobalAveragePooling2D(name=pool_name)(x)
+        return keras.layers.Dense(num_classes, dtype="float32", name=self.name(path))(x)
+
+
+def _inputs(input_shape, normalize):
+    inputs = keras.Input(shape=tuple(input_shape), dtype="float32", name="images")
+    x = inputs
+    stats = resolve_normalization(normalize)
+    if stats is not None:
+        mean, std = stats
+        if len(mean) != input_shape[-1]:
+            raise ValueError(f"normalize has {len(mean)} channels, the input has {input_shape[-1]}")
+        x = keras.layers.Normalization(
+            axis=-1, mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
+    return inputs, x
+
+
+def _positive_int(value, what):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ResNet-18 (kuangliu/pytorch-cifar)
+
+
+def _resnet18(name, num_classes, input_shape, sync_batchnorm, width=64, blocks=2, normalize=None):
+    width = _positive_int(width, "width")
+    blocks = _positive_int(blocks, "blocks")
+    b = _Builder(sync_batchnorm)
+    inputs, x = _inputs(input_shape, normalize)
+    x = b.conv(x, "conv1", width, 3)
+    x = b.relu(b.bn(x, "bn1"), "relu")
+    in_planes = width
+    for stage, (multiplier, first_stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
+        planes = width * multiplier
+        for index in range(blocks):
+            stride = first_stride if index == 0 else 1
+            p = f"layer{stage}.{index}"
+            out = b.conv(x, p + ".conv1", planes, 3, stride)
+            out = b.relu(b.bn(out, p + ".bn1"), p + ".relu1")
+            out = b.conv(out, p + ".conv2", planes, 3)
+            out = b.bn(out, p + ".bn2")
+            shortcut = x
+            if stride != 1 or in_planes != planes:
+                shortcut = b.conv(x, p + ".shortcut.0", planes, 1, stride)
+                shortcut = b.bn(shortcut, p + ".shortcut.1")
+            x = b.relu(b.add(out, shortcut, p + ".add"), p + ".relu2")
+            in_planes = planes
+    outputs = b.head(x, "linear", num_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CIFAR ResNet-20/32/44/56/... (He et al. 2016; chenyaofo/pytorch-cifar-models definition, as in MTARD)
+
+
+def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, width=16, normalize=None):
+    depth = _positive_int(depth, "depth")
+    width = _positive_int(width, "width")
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...), got {depth}")
+    blocks = (depth - 2) // 6
+    b = _Builder(sync_batchnorm)
+    inputs, x = _inputs(input_shape, normalize)
+    x = b.conv(x, "conv1", width, 3)
+    x = b.relu(b.bn(x, "bn1"), "relu")
+    in_planes = width
+    for stage, (multiplier, first_stride) in enumerate(zip((1, 2, 4), (1, 2, 2)), start=1):
+        planes = width * multiplier
+        for index in range(blocks):
+            stride = first_stride if index == 0 else 1
+            p = f"layer{stage}.{index}"
+            out = b.conv(x, p + ".conv1", planes, 3, stride)
+            out = b.relu(b.bn(out, p + ".bn1"), p + ".relu1")
+            out = b.conv(out, p + ".conv2", planes, 3)
+            out = b.bn(out, p + ".bn2")
+            identity = x
+            if stride != 1 or in_planes != planes:
+                identity = b.conv(x, p + ".downsample.0", planes, 1, stride)
+                identity = b.bn(identity, p + ".downsample.1")
+            x = b.relu(b.add(out, identity, p + ".add"), p + ".relu2")
+            in_planes = planes
+    outputs = b.head(x, "fc", num_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# WideResNet (TRADES, yaodongyu/TRADES models/wideresnet.py)
+
+
+def _wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=34, widen=10, normalize=None):
+    depth = _positive_int(depth, "depth")
+    widen = _positive_int(widen, "widen")
+    if depth < 10 or (depth - 4) % 6:
+        raise ValueError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+    n = (depth - 4) // 6
+    channels = (16, 16 * widen, 32 * widen, 64 * widen)
+    b = _Builder(sync_batchnorm)
+    inputs, x = _inputs(input_shape, normalize)
+    x = b.conv(x, "conv1", channels[0], 3)
+    in_planes = channels[0]
+    # block1, block2, block3 (the TRADES module's sub_block1 is never called in forward()).
+    for group, (out_planes, first_stride) in enumerate(zip(channels[1:], (1, 2, 2)), start=1):
+        for index in range(n):
+            stride = first_stride if index == 0 else 1
+            p = f"block{group}.layer.{index}"
+            equal_in_out = in_planes == out_planes
+            activated = b.relu(b.bn(x, p + ".bn1"), p + ".relu1")
+            out = b.conv(activated, p + ".conv1", out_planes, 3, stride)
+            out = b.relu(b.bn(out, p + ".bn2"), p + ".relu2")
+            out = b.conv(out, p + ".conv2", out_planes, 3)
+            if equal_in_out:
+                shortcut = x
+            else:  # the projection sees the pre-activated input, as in the reference
+                shortcut = b.conv(activated, p + ".convShortcut", out_planes, 1, stride)
+            x = b.add(shortcut, out, p + ".add")
+            in_planes = out_planes
+    x = b.relu(b.bn(x, "bn1"), "relu")
+    outputs = b.head(x, "fc", num_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MobileNetV2 for CIFAR (kuangliu/pytorch-cifar)
+
+_MOBILENETV2_CFG = (  # (expansion, out_planes, num_blocks, stride)
+    (1, 16, 1, 1),
+    (6, 24, 2, 1),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplier=1.0, max_blocks=0,
+                 normalize=None):
+    if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
+        raise ValueError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
+    if not isinstance(max_blocks, int) or isinstance(max_blocks, bool) or max_blocks < 0:
+        raise ValueError(f"max_blocks must be a non-negative integer (0: no cap), got {max_blocks!r}")
+
+    def scaled(channels):
+        return max(1, int(round(channels * width_multiplier)))
+
+    b = _Builder(sync_batchnorm)
+    inputs, x = _inputs(input_shape, normalize)
+    x = b.conv(x, "conv1", scaled(32), 3)
+    x = b.relu(b.bn(x, "bn1"), "relu1")
+    in_planes = scaled(32)
+    index = 0
+    for expansion, out_planes, num_blocks, first_stride in _MOBILENETV2_CFG:
+        out_planes = scaled(out_planes)
+        if max_blocks:
+            num_blocks = min(num_blocks, max_blocks)
+        for block in range(num_blocks):
+            stride = first_stride if block == 0 else 1
+            p = f"layers.{index}"
+            planes = expansion * in_planes
+            out = b.conv(x, p + ".conv1", planes, 1)
+            out = b.relu(b.bn(out, p + ".bn1"), p + ".relu1")
+            out = b.depthwise(out, p + ".conv2", stride)
+            out = b.relu(b.bn(out, p + ".bn2"), p + ".relu2")
+            out = b.conv(out, p + ".conv3", out_planes, 1)
+            out = b.bn(out, p + ".bn3")
+            if stride == 1:
+                shortcut = x
+                if in_planes != out_planes:
+                    shortcut = b.conv(x, p + ".shortcut.0", out_planes, 1)
+                    shortcut = b.bn(shortcut, p + ".shortcut.1")
+                out = b.add(out, shortcut, p + ".add")
+            x = out
+            in_planes = out_planes
+            index += 1
+    x = b.conv(x, "conv2", scaled(1280), 1)
+    x = b.relu(b.bn(x, "bn2"), "relu2")
+    outputs = b.head(x, "linear", num_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry
+
+# name -> (constructor, default kwargs). The defaults also define which kwargs a name accepts and their types.
+_REGISTRY = {
+    "resnet18": (_resnet18, {"width": 64, "blocks": 2, "normalize": None}),
+    "resnet56": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}),
+    "cifar_resnet": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}),
+    "wrn34_10": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}),
+    "wide_resnet": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}),
+    "mobilenetv2": (_mobilenetv2, {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None}),
+}
+
+
+def available_models():
+    """The registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _parse_value(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_model_spec(spec):
+    """"resnet18:width=8,blocks=1" -> ("resnet18", {"width": 8, "blocks": 1}); ValueError on a bad spec."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"empty model spec {spec!r}; available models: {', '.join(available_models())}")
+    name, _, arguments = spec.strip().partition(":")
+    name = name.strip()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r} in spec {spec!r}; available models: {', '.join(available_models())}")
+    defaults = _REGISTRY[name][1]
+    kwargs = {}
+    for item in arguments.split(","):
+        if not item.strip():
+            continue
+        key, equals, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not equals or not key or not value:
+            raise ValueError(f"bad argument {item.strip()!r} in model spec {spec!r}: expected key=value")
+        if key not in defaults:
+            raise ValueError(
+                f"unknown argument {key!r} for model {name!r} in spec {spec!r}; allowed: {', '.join(sorted(defaults))}")
+        if key in kwargs:
+            raise ValueError(f"argument {key!r} given twice in model spec {spec!r}")
+        kwargs[key] = _parse_value(value)
+    return name, kwargs
+
+
+def _check_types(name, kwargs, spec):
+    defaults = _REGISTRY[name][1]
+    checked = {}
+    for key, value in kwargs.items():
+        default = defaults[key]
+        if key == "normalize":
+            value = str(value)
+            resolve_normalization(value)  # validates
+        elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if default is not None and not isinstance(value, type(default)):
+            raise ValueError(
+                f"argument {key}={value!r} for model {name!r} in spec {spec!r} must be {type(default).__name__}")
+        checked[key] = value
+    return checked
+
+
+def build_model(spec, num_classes, input_shape=(32, 32, 3), sync_batchnorm=False):
+    """Builds the (uncompiled) Keras model named by `spec`, mapping [0, 1] images to float32 logits."""
+    name, kwargs = parse_model_spec(spec)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    kwargs = _check_types(name, kwargs, spec)
+    constructor, defaults = _REGISTRY[name]
+    return constructor(name, num_classes, tuple(input_shape), bool(sync_batchnorm), **{**defaults, **kwargs})

@@ -1,0 +1,75 @@
+"""Shared test fixtures: two logical CPU devices, offline mock datasets, tiny models."""
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
+
+# Two logical CPU devices for the multi-replica tests; must happen before TensorFlow initialises its devices.
+tf.config.set_logical_device_configuration(
+    tf.config.list_physical_devices("CPU")[0],
+    [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+MOCK_TRAIN_EXAMPLES = 64
+MOCK_TEST_EXAMPLES = 32
+
+
+def write_mock_metadata(root, name, num_train, num_test):
+    """Writes tfds metadata (features, split sizes) so mock_data serves `name` with real split info, offline."""
+    builder = tfds.builder(name, data_dir=root)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name="train", shard_lengths=[num_train], num_bytes=0, filename_template=None),
+        tfds.core.SplitInfo(name="test", shard_lengths=[num_test], num_bytes=0, filename_template=None)]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+
+@pytest.fixture(scope="session")
+def strategies():
+    """One MirroredStrategy per device set for the whole session: {1: one CPU replica, 2: two CPU replicas}.
+
+    Strategies are shared because a new MirroredStrategy over the same devices can reuse collective instance
+    keys of an earlier one in the same process, which TensorFlow reports as a collective shape mismatch.
+    """
+    return {1: tf.distribute.MirroredStrategy(["/cpu:0"]), 2: tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])}
+
+
+@pytest.fixture(scope="session")
+def mock_metadata_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("tfds_metadata"))
+    for name in ("cifar10", "cifar100"):
+        write_mock_metadata(root, name, MOCK_TRAIN_EXAMPLES, MOCK_TEST_EXAMPLES)
+    return root
+
+
+@pytest.fixture
+def mock_cifar(mock_metadata_dir):
+    """Offline fake CIFAR-10/100 (random pixels and labels) for anything that calls tfds."""
+    with tfds.testing.mock_data(num_examples=MOCK_TRAIN_EXAMPLES, data_dir=mock_metadata_dir):
+        yield
+
+
+def tiny_model(name, num_classes=10, input_shape=(32, 32, 3), width=4, synchronized=False):
+    """A few-hundred-parameter conv net with BatchNorm: stands in for students and teachers in tests."""
+    inputs = keras.Input(input_shape)
+    hidden = keras.layers.Conv2D(width, 3, strides=2, padding="same")(inputs)
+    hidden = keras.layers.BatchNormalization(synchronized=synchronized)(hidden)
+    hidden = keras.layers.ReLU()(hidden)
+    hidden = keras.layers.GlobalAveragePooling2D()(hidden)
+    return keras.Model(inputs, keras.layers.Dense(num_classes)(hidden), name=name)
+
+
+@pytest.fixture
+def teacher_files(tmp_path):
+    """Two tiny random-init .keras teachers for 10 classes: (clean, robust) paths."""
+    keras.utils.set_random_seed(1)
+    paths = []
+    for name in ("clean_teacher", "robust_teacher"):
+        path = str(tmp_path / f"{name}.keras")
+        tiny_model(name).save(path)
+        paths.append(path)
+    return tuple(paths)
