@@ -15,6 +15,7 @@ import keras
 import tensorflow as tf
 
 from mtard_tf import attacks, balancing, losses
+from mtard_tf.trainer import Trainer, global_mean
 
 BALANCES = ("b_mtard", "mtard")
 
@@ -24,55 +25,26 @@ def _value_at(rate, step):
     return tf.cast(rate(step) if callable(rate) else rate, tf.float32)
 
 
-def global_mean(per_example):
-    """Mean of a per-example vector over the global batch (all replicas)."""
-    replica = tf.distribute.get_replica_context()
-    total = replica.all_reduce("sum", tf.reduce_sum(per_example))
-    count = replica.all_reduce("sum", tf.cast(tf.size(per_example), tf.float32))
-    return total / count
-
-
-def replica_noise(sample, x, seed):
-    """This replica's slice of noise drawn for the whole global batch from a stateless seed.
-
-    Each example gets the same noise whatever the number of replicas, so 1 and N replicas compute the same step.
-    """
-    replica = tf.distribute.get_replica_context()
-    replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int32)
-    batch = tf.shape(x)[0]
-    shape = tf.concat([[batch * replica.num_replicas_in_sync], tf.shape(x)[1:]], axis=0)
-    return sample(shape, seed)[replica_id * batch:(replica_id + 1) * batch]
-
-
-class Distiller(keras.Model):
+class Distiller(Trainer):
     """Distils `student` from a clean teacher (on x) and a robust teacher (on the student's adversarial x')."""
 
-    def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", epsilon=8 / 255,
-                 attack_steps=10, attack_step_size=2 / 255, kl_scale=1.0, weight_rate=0.025,
-                 temperature_rate=0.001, temperature_min=1.0, temperature_max=10.0, beta=1.0,
-                 weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", kl_scale=1.0,
+                 weight_rate=0.025, temperature_rate=0.001, temperature_min=1.0, temperature_max=10.0, beta=1.0,
+                 **kwargs):
+        super().__init__(student, **kwargs)
         if balance not in BALANCES:
             raise ValueError(f"unknown balance '{balance}', expected one of {', '.join(BALANCES)}")
-        self.student = student
         self.clean_teacher = clean_teacher
         self.robust_teacher = robust_teacher
         for teacher in (clean_teacher, robust_teacher):
             teacher.trainable = False
         self.balance = balance
-        self.epsilon = float(epsilon)
-        self.attack_steps = int(attack_steps)
-        self.attack_step_size = float(attack_step_size)
         self.kl_scale = float(kl_scale)
         self.weight_rate = weight_rate
         self.temperature_rate = temperature_rate
         self.temperature_min = float(temperature_min)
         self.temperature_max = float(temperature_max)
         self.beta = float(beta)
-        self.weight_decay = float(weight_decay)
-        self.eval_attack_steps = int(eval_attack_steps)
-        self.eval_step_size = float(eval_step_size)
-        self.seed = int(seed)
 
         def state(name, value):
             return self.add_weight(name=name, shape=(), initializer=keras.initializers.Constant(value),
@@ -86,20 +58,10 @@ class Distiller(keras.Model):
         self.initial_kl_adv = state("initial_kl_adv", 0.0)
         self.initial_kl_nat = state("initial_kl_nat", 0.0)
         self.initial_kl_set = state("initial_kl_set", 0.0)
-        self.eval_batches = state("eval_batches", 0.0)  # seeds the evaluation attack's random start
-        self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
-        self.pgd_accuracy = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
 
     @property
-    def metrics(self):
-        return [self.clean_accuracy, self.pgd_accuracy]
-
-    def call(self, images, training=False):
-        return self.student(images, training=training)
-
-    def student_attack_objective(self, labels):
-        """Cross-entropy of the student in inference mode: the objective of the training-time PGD."""
-        return lambda images: losses.cross_entropy(labels, self.student(images, training=False))
+    def student(self):
+        return self.model
 
     def balance_state(self):
         return {"temperature_adv": self.temperature_adv, "temperature_nat": self.temperature_nat,
@@ -135,22 +97,18 @@ class Distiller(keras.Model):
         images, labels = data
         images = tf.cast(images, tf.float32)
         step = tf.cast(self.optimizer.iterations, tf.int64)
-        learning_rate = tf.cast(self.optimizer.learning_rate, tf.float32)
+        learning_rate = self.current_learning_rate()
         temperature_adv = tf.identity(self.temperature_adv)
         temperature_nat = tf.identity(self.temperature_nat)
-        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
 
         # 1. The student's adversarial examples (SPEC 1.1).
-        noise = replica_noise(tf.random.stateless_normal, images, tf.stack([tf.cast(self.seed, tf.int64), step]))
-        images_adv = attacks.pgd(self.student_attack_objective(labels), images,
-                                 attacks.normal_start(images, noise), epsilon=self.epsilon,
-                                 step_size=self.attack_step_size, steps=self.attack_steps)
+        images_adv = self.attack(self.cross_entropy_objective(labels), images,
+                                 attacks.normal_start(images, self.attack_noise(images)))
 
         # 2. Frozen teachers in inference mode, at this step's temperatures.
         probs_adv = losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv)
         probs_nat = losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat)
 
-        student_variables = self.student.trainable_variables
         with tf.GradientTape() as tape:
             # 3. Distillation losses, student in training mode.
             kl_adv_per_example = losses.distillation_kl(self.student(images_adv, training=True), probs_adv)
@@ -160,14 +118,8 @@ class Distiller(keras.Model):
             # 4. Loss weights from this step's losses, then the weighted loss.
             weight_adv, weight_nat = self.update_loss_weights(kl_adv, kl_nat, step)
             per_example = self.kl_scale * (weight_adv * kl_adv_per_example + weight_nat * kl_nat_per_example)
-            global_batch = tf.shape(images)[0] * replicas
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
-            l2 = tf.add_n([tf.reduce_sum(tf.square(tf.cast(v, tf.float32))) for v in student_variables])
-            regularized = loss + tf.nn.scale_regularization_loss(0.5 * self.weight_decay * l2)
-            scaled = self.optimizer.scale_loss(regularized)
         # 5. Update the student only.
-        gradients = tape.gradient(scaled, student_variables)
-        self.optimizer.apply_gradients(zip(gradients, student_variables))
+        self.minimize(tape, per_example)
 
         # 6. Teacher temperatures for the next step.
         entropy_adv = global_mean(losses.teacher_entropy(probs_adv))
@@ -178,17 +130,3 @@ class Distiller(keras.Model):
                 "kl_adv": kl_adv, "kl_nat": kl_nat, "weight_adv": weight_adv, "weight_nat": weight_nat,
                 "temperature_adv": temperature_adv, "temperature_nat": temperature_nat,
                 "entropy_adv": entropy_adv, "entropy_nat": entropy_nat, "learning_rate": learning_rate}
-
-    def test_step(self, data):
-        """Clean and PGD-20 (SPEC 2, PGD-SAT: uniform start, step 2/255, CE) accuracy of the student."""
-        images, labels = data
-        images = tf.cast(images, tf.float32)
-        seed = tf.stack([tf.cast(self.seed, tf.int64) + 1, tf.cast(self.eval_batches, tf.int64)])
-        self.eval_batches.assign_add(1.0)
-        noise = replica_noise(lambda shape, s: tf.random.stateless_uniform(shape, s, -1.0, 1.0), images, seed)
-        start = attacks.uniform_start(images, noise, self.epsilon)
-        images_adv = attacks.pgd(self.student_attack_objective(labels), images, start, epsilon=self.epsilon,
-                                 step_size=self.eval_step_size, steps=self.eval_attack_steps)
-        self.clean_accuracy.update_state(labels, self.student(images, training=False))
-        self.pgd_accuracy.update_state(labels, self.student(images_adv, training=False))
-        return {"clean_accuracy": self.clean_accuracy.result(), "pgd_accuracy": self.pgd_accuracy.result()}

@@ -9,7 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info/warn
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_enum("mode", "distill", ["distill"], "What to run.")
+MODES = ("all", "distill", "train_teacher", "evaluate", "export")
+flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), distillation, "
+                  "evaluation, export, each skipped when its output exists; or one of those stages alone.")
 flags.DEFINE_string("dataset", "cifar10", "tensorflow-datasets image classification dataset name.")
 flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared dataset (offline use).")
 flags.DEFINE_string("model_dir", "runs/cifar10", "Where checkpoints, TensorBoard logs and models are written.")
@@ -21,7 +23,32 @@ flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (m
 flags.DEFINE_string("student", "resnet18", "Student architecture: NAME or NAME:key=value,... (see models.py).")
 flags.DEFINE_string("clean_teacher", None, "Clean (naturally trained) teacher, a .keras file.")
 flags.DEFINE_string("robust_teacher", None, "Robust (adversarially trained) teacher, a .keras file.")
-flags.DEFINE_boolean("sync_batchnorm", False, "Synchronise BatchNorm statistics across replicas in the student.")
+flags.DEFINE_boolean("sync_batchnorm", False, "Synchronise BatchNorm statistics across replicas.")
+
+# Teachers trained in the app (--mode=train_teacher, and --mode=all when a teacher file is missing).
+flags.DEFINE_enum("teacher", "clean", ["clean", "robust"], "Which teacher --mode=train_teacher trains.")
+flags.DEFINE_string("clean_teacher_arch", "resnet56", "Clean teacher architecture (NAME or NAME:key=value,...).")
+flags.DEFINE_string("robust_teacher_arch", "wrn34_10", "Robust teacher architecture.")
+flags.DEFINE_enum("robust_method", "trades", ["trades", "pgd_at"], "Adversarial training of the robust teacher.")
+flags.DEFINE_float("trades_beta", 6.0, "TRADES beta.", lower_bound=0.0)
+flags.DEFINE_integer("clean_teacher_epochs", 200, "Epochs of natural training.", lower_bound=1)
+flags.DEFINE_integer("robust_teacher_epochs", 100, "Epochs of adversarial training.", lower_bound=1)
+flags.DEFINE_float("teacher_learning_rate", 0.1, "SGD learning rate of teacher training.", lower_bound=0.0)
+flags.DEFINE_enum("clean_teacher_schedule", "cosine", ["cosine", "step"], "Learning-rate schedule, clean teacher.")
+flags.DEFINE_enum("robust_teacher_schedule", "step", ["cosine", "step"], "Learning-rate schedule, robust teacher.")
+flags.DEFINE_list("clean_teacher_milestones", ["100", "150"], "Step-schedule epochs (x --decay), clean teacher.")
+flags.DEFINE_list("robust_teacher_milestones", ["75", "90"], "Step-schedule epochs (x --decay), robust teacher.")
+
+# Evaluation (SPEC 2) and export (TF Serving).
+flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on.")
+flags.DEFINE_list("attacks", ["clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack"],
+                  "Attacks of the evaluation.")
+flags.DEFINE_integer("num_eval_examples", None, "Evaluate on the first N test images (default: all).",
+                     lower_bound=1)
+flags.DEFINE_integer("eval_batch_size", 250, "Images per evaluation batch.", lower_bound=1)
+flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving model directories.")
+flags.DEFINE_string("model_name", "mtard_student", "Model name under --export_dir (TF Serving's model name).")
+flags.DEFINE_integer("model_version", None, "Export version (default: the next free one).", lower_bound=1)
 
 # Training schedule (SPEC 1.5).
 flags.DEFINE_integer("epochs", 300, "Training epochs.", lower_bound=1)
@@ -62,8 +89,12 @@ flags.DEFINE_float("kl_scale", 1.0, "Multiplies both distillation terms (10 in t
 flags.register_validator("epsilon", lambda v: 0 < v <= 1, "--epsilon must be in (0, 1]")
 flags.register_validator("attack_step_size", lambda v: 0 < v <= 1, "--attack_step_size must be in (0, 1]")
 flags.register_validator("attack_steps", lambda v: v >= 1, "--attack_steps must be at least 1")
-flags.register_validator("milestones", lambda v: all(m.strip().isdigit() for m in v),
-                         "--milestones must be a comma-separated list of epoch numbers")
+for _name in ("milestones", "clean_teacher_milestones", "robust_teacher_milestones"):
+    flags.register_validator(_name, lambda v: all(m.strip().isdigit() for m in v),
+                             f"--{_name} must be a comma-separated list of epoch numbers")
+flags.register_validator("attacks", lambda v: set(v) <= {"clean", "fgsm", "pgd_sat", "pgd_trades", "cw",
+                                                         "autoattack"},
+                         "--attacks must be a subset of clean,fgsm,pgd_sat,pgd_trades,cw,autoattack")
 flags.register_multi_flags_validator(
     ["temperature_min", "temperature_max"], lambda f: f["temperature_min"] <= f["temperature_max"],
     "--temperature_min must not exceed --temperature_max")
@@ -71,21 +102,42 @@ flags.register_multi_flags_validator(
     ["temperature_min"], lambda f: f["temperature_min"] > 0, "--temperature_min must be positive")
 
 
-def distill_config():
-    from mtard_tf.training import DistillConfig
-    return DistillConfig(
-        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, student=FLAGS.student,
-        clean_teacher=FLAGS.clean_teacher, robust_teacher=FLAGS.robust_teacher, model_dir=FLAGS.model_dir,
-        epochs=FLAGS.epochs, steps_per_epoch=FLAGS.steps_per_epoch, batch_size=FLAGS.batch_size,
-        validation_steps=FLAGS.validation_steps, log_every_n_steps=FLAGS.log_every_n_steps, seed=FLAGS.seed,
-        balance=FLAGS.balance, epsilon=FLAGS.epsilon, attack_steps=FLAGS.attack_steps,
-        attack_step_size=FLAGS.attack_step_size, eval_attack_steps=FLAGS.eval_attack_steps,
-        learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay,
-        milestones=tuple(int(m) for m in FLAGS.milestones), decay=FLAGS.decay, weight_rate=FLAGS.weight_rate,
-        temperature_rate=FLAGS.temperature_rate, temperature_min=FLAGS.temperature_min,
-        temperature_max=FLAGS.temperature_max, beta=FLAGS.beta, kl_scale=FLAGS.kl_scale,
+def _epochs(values):
+    return tuple(int(v) for v in values)
+
+
+def run_config():
+    from mtard_tf.training import RunConfig
+    return RunConfig(
+        dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size, steps_per_epoch=FLAGS.steps_per_epoch, validation_steps=FLAGS.validation_steps,
+        log_every_n_steps=FLAGS.log_every_n_steps,
         jit_compile={"auto": None, "true": True, "false": False}[FLAGS.jit_compile],
-        sync_batchnorm=FLAGS.sync_batchnorm)
+        sync_batchnorm=FLAGS.sync_batchnorm, epsilon=FLAGS.epsilon, attack_steps=FLAGS.attack_steps,
+        attack_step_size=FLAGS.attack_step_size, eval_attack_steps=FLAGS.eval_attack_steps,
+        momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, decay=FLAGS.decay, student=FLAGS.student,
+        clean_teacher=FLAGS.clean_teacher or "", robust_teacher=FLAGS.robust_teacher or "", epochs=FLAGS.epochs,
+        learning_rate=FLAGS.learning_rate, milestones=_epochs(FLAGS.milestones), balance=FLAGS.balance,
+        weight_rate=FLAGS.weight_rate, temperature_rate=FLAGS.temperature_rate,
+        temperature_min=FLAGS.temperature_min, temperature_max=FLAGS.temperature_max, beta=FLAGS.beta,
+        kl_scale=FLAGS.kl_scale, clean_teacher_arch=FLAGS.clean_teacher_arch,
+        robust_teacher_arch=FLAGS.robust_teacher_arch, clean_teacher_epochs=FLAGS.clean_teacher_epochs,
+        robust_teacher_epochs=FLAGS.robust_teacher_epochs, teacher_learning_rate=FLAGS.teacher_learning_rate,
+        clean_teacher_schedule=FLAGS.clean_teacher_schedule, robust_teacher_schedule=FLAGS.robust_teacher_schedule,
+        clean_teacher_milestones=_epochs(FLAGS.clean_teacher_milestones),
+        robust_teacher_milestones=_epochs(FLAGS.robust_teacher_milestones), robust_method=FLAGS.robust_method,
+        trades_beta=FLAGS.trades_beta)
+
+
+def eval_config():
+    from mtard_tf.pipeline import EvalConfig
+    return EvalConfig(attacks=tuple(FLAGS.attacks), num_examples=FLAGS.num_eval_examples,
+                      batch_size=FLAGS.eval_batch_size)
+
+
+def export_config():
+    from mtard_tf.pipeline import ExportConfig
+    return ExportConfig(export_dir=FLAGS.export_dir, model_name=FLAGS.model_name, version=FLAGS.model_version)
 
 
 def make_strategy():
@@ -96,13 +148,28 @@ def make_strategy():
     return strategy
 
 
-def run_distill():
-    from mtard_tf import training
-    path, _ = training.distill(distill_config(), make_strategy())
-    print(f"student saved to {path}")
+def required_model():
+    if not FLAGS.model:
+        raise ValueError(f"--mode={FLAGS.mode} needs --model=PATH.keras")
+    return FLAGS.model
 
 
-MODES = {"distill": run_distill}
+def run_mode(mode):
+    from mtard_tf import pipeline, training
+    if mode == "all":
+        pipeline.run_all(run_config(), eval_config(), export_config(), make_strategy())
+    elif mode == "distill":
+        path, _ = training.distill(run_config(), make_strategy())
+        print(f"student saved to {path}")
+    elif mode == "train_teacher":
+        path, _ = training.train_teacher(run_config(), FLAGS.teacher, make_strategy())
+        print(f"{FLAGS.teacher} teacher saved to {path}")
+    elif mode == "evaluate":
+        output_dir = os.path.join(FLAGS.model_dir, "eval")
+        pipeline.evaluate_stage(run_config(), eval_config(), required_model(), output_dir, reuse=False)
+        print(f"report: {os.path.join(output_dir, 'report.md')}")
+    elif mode == "export":
+        pipeline.export_stage(run_config(), export_config(), required_model(), reuse=False)
 
 
 def main(argv):
@@ -118,7 +185,7 @@ def main(argv):
         os.makedirs(FLAGS.model_dir, exist_ok=True)
         with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
             f.write(FLAGS.flags_into_string())
-        MODES[FLAGS.mode]()
+        run_mode(FLAGS.mode)
     except (DataUnavailableError, TeacherError, ValueError, OSError) as error:
         logging.debug("error", exc_info=True)
         print(f"error: {error}", file=sys.stderr)

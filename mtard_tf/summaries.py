@@ -1,26 +1,25 @@
-"""TensorBoard scalars under exact tags: the balancing dynamics per step, validation accuracies per epoch."""
+"""TensorBoard scalars under exact tags: a trainer's per-step logs, validation accuracies per epoch."""
 
 import keras
 import tensorflow as tf
 
+# The distiller's per-step tags: the balancing dynamics (SPEC 1.2-1.4) and the learning rate.
 STEP_TAGS = ("loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
              "entropy_adv", "entropy_nat", "learning_rate")
 EPOCH_TAGS = ("clean_accuracy", "pgd_accuracy")
 
 
 class ScalarSummaries(keras.callbacks.Callback):
-    """Writes the train_step's per-step logs every `every_n_steps` optimizer steps, at step = optimizer.iterations.
+    """Writes every value of the train_step's logs every `every_n_steps` steps (step = optimizer.iterations), and
+    the validation logs at each epoch end (step = epoch number), under the logs' own names.
 
-    Keras' own TensorBoard callback prefixes tags with batch_/epoch_; these tags are the names users look for.
-    Only the tags present in the logs are written, so other training modes can reuse the callback.
+    Keras' TensorBoard callback prefixes tags with batch_/epoch_; these are the names users look for.
     """
 
-    def __init__(self, log_dir, every_n_steps=1, step_tags=STEP_TAGS, epoch_tags=EPOCH_TAGS):
+    def __init__(self, log_dir, every_n_steps=1):
         super().__init__()
         self.log_dir = log_dir
         self.every_n_steps = max(1, int(every_n_steps))
-        self.step_tags = step_tags
-        self.epoch_tags = epoch_tags
         self.writer = None
 
     def on_train_begin(self, logs=None):
@@ -31,16 +30,14 @@ class ScalarSummaries(keras.callbacks.Callback):
         if step % self.every_n_steps or not logs:
             return
         with self.writer.as_default(step=step):
-            for tag in self.step_tags:
-                if tag in logs:
-                    tf.summary.scalar(tag, logs[tag])
+            for tag, value in logs.items():
+                tf.summary.scalar(tag, value)
 
     def on_epoch_end(self, epoch, logs=None):
-        logs = logs or {}
         with self.writer.as_default(step=epoch + 1):
-            for tag in self.epoch_tags:
-                if f"val_{tag}" in logs:
-                    tf.summary.scalar(tag, logs[f"val_{tag}"])
+            for tag, value in (logs or {}).items():
+                if tag.startswith("val_"):
+                    tf.summary.scalar(tag[len("val_"):], value)
         self.writer.flush()
 
     def on_train_end(self, logs=None):

@@ -1,9 +1,16 @@
-"""Loading and checking teacher models: any Keras model mapping the dataset's [0, 1] images to C logits."""
+"""Teachers: loading and checking .keras teachers, and the trainers that make them (natural and adversarial).
+
+Any Keras model mapping the dataset's [0, 1] images to C logits is a valid teacher.
+"""
 
 import os
 import zipfile
 
 import keras
+import tensorflow as tf
+
+from mtard_tf import attacks, losses
+from mtard_tf.trainer import Trainer, global_mean, symmetric_uniform
 
 
 class TeacherError(ValueError):
@@ -37,3 +44,56 @@ def check_model_fits(model, image_shape, num_classes, what="model"):
     if output_shape != (num_classes,):
         raise TeacherError(f"{what} outputs shape {output_shape}, but the dataset has {num_classes} classes "
                            f"(expected ({num_classes},) logits)")
+
+
+class NaturalTrainer(Trainer):
+    """Natural training (the clean teacher, and the `natural` baseline): minimise CE(f(x), y)."""
+
+    def train_step(self, data):
+        images, labels = data
+        learning_rate = self.current_learning_rate()
+        with tf.GradientTape() as tape:
+            per_example = losses.cross_entropy(labels, self.model(images, training=True))
+        self.minimize(tape, per_example)
+        return {"loss": global_mean(tf.stop_gradient(per_example)), "learning_rate": learning_rate}
+
+
+class AdversarialTrainer(Trainer):
+    """Adversarial training of the robust teacher (SPEC 1.7).
+
+    pgd_at (SAT, Madry et al.): CE(f(x'), y), x' = PGD on CE from a uniform random start.
+    trades (Zhang et al.):      CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximises that KL from x + 0.001 N(0, I).
+    """
+
+    METHODS = ("trades", "pgd_at")
+
+    def __init__(self, model, *, method="trades", trades_beta=6.0, **kwargs):
+        super().__init__(model, **kwargs)
+        if method not in self.METHODS:
+            raise ValueError(f"unknown robust method '{method}', expected one of {', '.join(self.METHODS)}")
+        self.method = method
+        self.trades_beta = float(trades_beta)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        learning_rate = self.current_learning_rate()
+        if self.method == "pgd_at":
+            start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
+            images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
+            with tf.GradientTape() as tape:
+                per_example = losses.cross_entropy(labels, self.model(images_adv, training=True))
+            self.minimize(tape, per_example)
+            return {"loss": global_mean(tf.stop_gradient(per_example)), "learning_rate": learning_rate}
+
+        clean_logits = tf.stop_gradient(self.model(images, training=False))
+        images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.model(x, training=False)),
+                                 images, attacks.normal_start(images, self.attack_noise(images)))
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            natural = losses.cross_entropy(labels, logits)
+            robust = losses.kl_divergence(logits, self.model(images_adv, training=True))
+            per_example = natural + self.trades_beta * robust
+        self.minimize(tape, per_example)
+        return {"loss": global_mean(tf.stop_gradient(per_example)), "cross_entropy": global_mean(natural),
+                "kl_robust": global_mean(robust), "learning_rate": learning_rate}

@@ -1,6 +1,7 @@
 """Distillation runs: the strategy, the optimizer and schedules, fit with callbacks, and the saved student."""
 
 import dataclasses
+import json
 import os
 
 import keras
@@ -41,82 +42,162 @@ def save_model_atomic(model, path):
 
 
 @dataclasses.dataclass
-class DistillConfig:
-    """Everything a distillation run needs; defaults are the paper's CIFAR setting (SPEC 1.5)."""
+class RunConfig:
+    """Everything a run needs; defaults are the paper's CIFAR-10 setting (SPEC 1.5-1.7)."""
     dataset: str = "cifar10"
     data_dir: str | None = None
-    student: str = "resnet18"
-    clean_teacher: str = ""
-    robust_teacher: str = ""
     model_dir: str = "runs/cifar10"
-    epochs: int = 300
-    steps_per_epoch: int | None = None
+    seed: int = 0
     batch_size: int = 128
+    steps_per_epoch: int | None = None
     validation_steps: int | None = None
     log_every_n_steps: int = 1
-    seed: int = 0
-    balance: str = "b_mtard"
+    jit_compile: bool | None = None  # None: on with a single replica, off under several (SPEC 4)
+    sync_batchnorm: bool = False
+    verbose: int = 1
+    # Attack of training (SPEC 1.1) and of the per-epoch validation (PGD-SAT, SPEC 2).
     epsilon: float = 8 / 255
     attack_steps: int = 10
     attack_step_size: float = 2 / 255
     eval_attack_steps: int = 20
-    learning_rate: float = 0.1
+    # Optimizer of every stage.
     momentum: float = 0.9
     weight_decay: float = 2e-4
-    milestones: tuple = (215, 260, 285)
     decay: float = 0.1
+    # Distillation (SPEC 1.2-1.5).
+    student: str = "resnet18"
+    clean_teacher: str = ""
+    robust_teacher: str = ""
+    epochs: int = 300
+    learning_rate: float = 0.1
+    milestones: tuple = (215, 260, 285)
+    balance: str = "b_mtard"
     weight_rate: float = 0.025
     temperature_rate: float = 0.001
     temperature_min: float = 1.0
     temperature_max: float = 10.0
     beta: float = 1.0
     kl_scale: float = 1.0
-    jit_compile: bool | None = None  # None: on with a single replica, off under several (SPEC 4)
-    sync_batchnorm: bool = False
-    verbose: int = 1
+    # Teachers trained in the app.
+    clean_teacher_arch: str = "resnet56"
+    robust_teacher_arch: str = "wrn34_10"
+    clean_teacher_epochs: int = 200
+    robust_teacher_epochs: int = 100
+    teacher_learning_rate: float = 0.1
+    clean_teacher_schedule: str = "cosine"
+    robust_teacher_schedule: str = "step"
+    clean_teacher_milestones: tuple = (100, 150)
+    robust_teacher_milestones: tuple = (75, 90)
+    robust_method: str = "trades"
+    trades_beta: float = 6.0
 
 
-def build_distiller(config, strategy, info, clean_teacher, robust_teacher, steps_per_epoch):
-    """Student, distiller and optimizer, created under the strategy's scope."""
-    def schedule(value):
-        return MilestoneDecay(value, config.milestones, steps_per_epoch, config.decay)
-
-    with strategy.scope():
-        student = models.build_model(config.student, info.num_classes, info.image_shape,
-                                     sync_batchnorm=config.sync_batchnorm)
-        distiller = Distiller(
-            student, clean_teacher, robust_teacher, balance=config.balance, epsilon=config.epsilon,
-            attack_steps=config.attack_steps, attack_step_size=config.attack_step_size, kl_scale=config.kl_scale,
-            weight_rate=schedule(config.weight_rate), temperature_rate=schedule(config.temperature_rate),
-            temperature_min=config.temperature_min, temperature_max=config.temperature_max, beta=config.beta,
-            weight_decay=config.weight_decay, eval_attack_steps=config.eval_attack_steps, seed=config.seed)
-        jit_compile = (strategy.num_replicas_in_sync == 1) if config.jit_compile is None else config.jit_compile
-        distiller.compile(optimizer=keras.optimizers.SGD(schedule(config.learning_rate), momentum=config.momentum),
-                          jit_compile=jit_compile)
-    return distiller
+def fit(trainer, config, work_dir, epochs, steps_per_epoch):
+    """model.fit with the run's data, TensorBoard scalars and epoch backups (resumable) under `work_dir`."""
+    train = data.train_dataset(config.dataset, config.data_dir, config.batch_size, seed=config.seed)
+    validation = data.eval_dataset(config.dataset, config.data_dir, config.batch_size)
+    callbacks = [
+        summaries.ScalarSummaries(os.path.join(work_dir, "tensorboard"), config.log_every_n_steps),
+        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup"), save_freq="epoch"),
+    ]
+    return trainer.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=validation,
+                       validation_steps=config.validation_steps, callbacks=callbacks, verbose=config.verbose,
+                       shuffle=False)
 
 
-def distill(config, strategy=None):
-    """Runs B-MTARD distillation and saves `<model_dir>/student.keras`; returns (path, history)."""
-    strategy = strategy or make_strategy()
+def _prepare(config, strategy):
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ValueError(f"batch size {config.batch_size} is not divisible by the "
                          f"{strategy.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.seed)
     info = data.load_info(config.dataset, config.data_dir)
-    steps_per_epoch = config.steps_per_epoch or info.num_train // config.batch_size
+    return info, config.steps_per_epoch or info.num_train // config.batch_size
+
+
+def _compile(trainer, config, strategy, learning_rate):
+    jit_compile = (strategy.num_replicas_in_sync == 1) if config.jit_compile is None else config.jit_compile
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=config.momentum),
+                    jit_compile=jit_compile)
+
+
+def _attack_args(config):
+    return dict(epsilon=config.epsilon, attack_steps=config.attack_steps, attack_step_size=config.attack_step_size,
+                weight_decay=config.weight_decay, seed=config.seed)
+
+
+def final_metrics(history):
+    """The last epoch's validation accuracies, e.g. {"clean_accuracy": 0.9, "pgd_accuracy": 0.5}."""
+    return {key[len("val_"):]: float(values[-1]) for key, values in history.history.items()
+            if key.startswith("val_")}
+
+
+def write_json(path, payload):
+    """Atomic JSON write (temporary file + rename)."""
+    temporary = f"{path}.partial-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def distill(config, strategy=None):
+    """B-MTARD distillation into `<model_dir>/student.keras`; returns (path, history)."""
+    strategy = strategy or make_strategy()
+    info, steps_per_epoch = _prepare(config, strategy)
     with strategy.scope():
         clean_teacher = teachers.load_teacher(config.clean_teacher, info.image_shape, info.num_classes)
         robust_teacher = teachers.load_teacher(config.robust_teacher, info.image_shape, info.num_classes)
-    distiller = build_distiller(config, strategy, info, clean_teacher, robust_teacher, steps_per_epoch)
-    train = data.train_dataset(config.dataset, config.data_dir, config.batch_size, seed=config.seed)
-    validation = data.eval_dataset(config.dataset, config.data_dir, config.batch_size)
-    callbacks = [
-        summaries.ScalarSummaries(os.path.join(config.model_dir, "tensorboard"), config.log_every_n_steps),
-        keras.callbacks.BackupAndRestore(os.path.join(config.model_dir, "backup"), save_freq="epoch"),
-    ]
-    history = distiller.fit(train, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-                            validation_data=validation, validation_steps=config.validation_steps,
-                            callbacks=callbacks, verbose=config.verbose, shuffle=False)
-    path = save_model_atomic(distiller.student, os.path.join(config.model_dir, "student.keras"))
+        student = models.build_model(config.student, info.num_classes, info.image_shape,
+                                     sync_batchnorm=config.sync_batchnorm)
+
+        def schedule(value):
+            return MilestoneDecay(value, config.milestones, steps_per_epoch, config.decay)
+
+        distiller = Distiller(
+            student, clean_teacher, robust_teacher, balance=config.balance, kl_scale=config.kl_scale,
+            weight_rate=schedule(config.weight_rate), temperature_rate=schedule(config.temperature_rate),
+            temperature_min=config.temperature_min, temperature_max=config.temperature_max, beta=config.beta,
+            eval_attack_steps=config.eval_attack_steps, **_attack_args(config))
+        _compile(distiller, config, strategy, schedule(config.learning_rate))
+    history = fit(distiller, config, config.model_dir, config.epochs, steps_per_epoch)
+    path = save_model_atomic(student, os.path.join(config.model_dir, "student.keras"))
+    write_json(os.path.join(config.model_dir, "student.json"), final_metrics(history))
+    return path, history
+
+
+def teacher_path(model_dir, kind):
+    return os.path.join(model_dir, "teachers", f"{kind}.keras")
+
+
+def train_teacher(config, kind, strategy=None):
+    """Trains the clean (natural) or robust (TRADES / PGD-AT) teacher into `<model_dir>/teachers/<kind>.keras`.
+
+    Returns (path, history). The per-epoch validation reports PGD-20 accuracy for the robust teacher only.
+    """
+    if kind not in ("clean", "robust"):
+        raise ValueError(f"unknown teacher '{kind}', expected clean or robust")
+    strategy = strategy or make_strategy()
+    info, steps_per_epoch = _prepare(config, strategy)
+    epochs = config.clean_teacher_epochs if kind == "clean" else config.robust_teacher_epochs
+    schedule_name = config.clean_teacher_schedule if kind == "clean" else config.robust_teacher_schedule
+    milestones = config.clean_teacher_milestones if kind == "clean" else config.robust_teacher_milestones
+    if schedule_name == "cosine":
+        learning_rate = keras.optimizers.schedules.CosineDecay(config.teacher_learning_rate,
+                                                               epochs * steps_per_epoch)
+    elif schedule_name == "step":
+        learning_rate = MilestoneDecay(config.teacher_learning_rate, milestones, steps_per_epoch, config.decay)
+    else:
+        raise ValueError(f"unknown schedule '{schedule_name}', expected cosine or step")
+    with strategy.scope():
+        arch = config.clean_teacher_arch if kind == "clean" else config.robust_teacher_arch
+        model = models.build_model(arch, info.num_classes, info.image_shape, sync_batchnorm=config.sync_batchnorm)
+        if kind == "clean":
+            trainer = teachers.NaturalTrainer(model, eval_attack_steps=0, **_attack_args(config))
+        else:
+            trainer = teachers.AdversarialTrainer(model, method=config.robust_method, trades_beta=config.trades_beta,
+                                                  eval_attack_steps=config.eval_attack_steps, **_attack_args(config))
+        _compile(trainer, config, strategy, learning_rate)
+    work_dir = os.path.join(config.model_dir, "teachers", kind)
+    history = fit(trainer, config, work_dir, epochs, steps_per_epoch)
+    path = save_model_atomic(model, teacher_path(config.model_dir, kind))
+    write_json(os.path.join(config.model_dir, "teachers", f"{kind}.json"), final_metrics(history))
     return path, history

@@ -86,14 +86,14 @@ def test_one_and_two_replicas_give_the_same_update(strategies):
     for a, b in zip(weights_1, weights_2):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     for name in state_1:
-        np.testing.assert_allclose(state_1[name], state_2[name], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(state_1[name], state_2[name], rtol=1e-4, err_msg=name)
     np.testing.assert_allclose(history_1["loss"], history_2["loss"], rtol=1e-4)
     assert not np.allclose(weights[0][0], weights_1[0])  # the update is not empty
 
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_distill_writes_scalars_and_student(mock_cifar, teacher_files, tmp_path, strategies, replicas):
-    config = training.DistillConfig(
+    config = training.RunConfig(
         dataset="cifar10", student="resnet18:width=2,blocks=1", clean_teacher=teacher_files[0],
         robust_teacher=teacher_files[1], model_dir=str(tmp_path / "run"), epochs=2, steps_per_epoch=3,
         batch_size=8, validation_steps=1, attack_steps=2, eval_attack_steps=2, milestones=(1,),

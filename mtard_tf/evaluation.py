@@ -1,0 +1,353 @@
+"""Robustness evaluation (SPEC 2): accuracy under FGSM, PGD-SAT, PGD-TRADES, CW-inf and AutoAttack.
+
+`evaluate` runs the chosen attacks on the first `num_examples` examples of a dataset, batch by batch, and writes
+`report.json`, `report.md` and (optionally) TensorBoard scalars into `output_dir`. Every attack works in the L-inf
+ball of radius `epsilon` and in [0, 1], with the model in inference mode; randomness comes from stateless RNG seeded
+by `seed`, so a run repeats. A per-image sanity check (AutoAttack-robust => robust under every other attack =>
+clean-correct) flags broken attacks and gradient masking.
+
+Library code: no flags are read here; the CLI passes plain arguments.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from mtard_tf import attacks as attacks_lib
+from mtard_tf import autoattack
+from mtard_tf import losses
+
+ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
+DISPLAY_NAMES = {
+    "clean": "Clean",
+    "fgsm": "FGSM",
+    "pgd_sat": "PGD-SAT",
+    "pgd_trades": "PGD-TRADES",
+    "cw": "CW∞",
+    "autoattack": "AutoAttack",
+}
+DEFAULT_EPSILON = 8.0 / 255.0
+
+# SPEC 2. CW-inf starts, like PGD, from a uniform random point of the eps-ball: the common practice of the TRADES /
+# RSLAD / MTARD evaluation code (`cw_whitebox` adds U(-eps, eps) noise before its 30 steps of 2/255 on the margin).
+WHITE_BOX = {
+    "fgsm": dict(steps=1, step_size=None, random_start=False, loss="ce"),
+    "pgd_sat": dict(steps=20, step_size=2.0 / 255.0, random_start=True, loss="ce"),
+    "pgd_trades": dict(steps=20, step_size=0.003, random_start=True, loss="ce"),
+    "cw": dict(steps=30, step_size=2.0 / 255.0, random_start=True, loss="cw"),
+}
+CW_KAPPA = 50.0
+# Attacks whose per-image robustness AutoAttack's must imply (the sanity check).
+_WEAKER_THAN_AUTOATTACK = ("fgsm", "pgd_sat", "pgd_trades", "cw")
+_TOLERANCE = 1e-6  # float rounding allowed on |x_adv - x| <= eps
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Attacks
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _build_white_box(model, image_shape, *, epsilon, steps, step_size, random_start, loss, jit_compile):
+    epsilon = float(epsilon)
+    step_size = epsilon if step_size is None else float(step_size)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, *image_shape], tf.float32), tf.TensorSpec([None], tf.int32),
+                                  tf.TensorSpec([2], tf.int64)],
+                 jit_compile=jit_compile, reduce_retracing=True)
+    def run(x, y, seed):
+        axes = list(range(1, len(image_shape) + 1))
+
+        def objective(x_adv):
+            logits = autoattack.logits_of(model, x_adv)
+            value = (losses.cross_entropy(y, logits) if loss == "ce"
+                     else losses.margin_loss(y, logits, kappa=CW_KAPPA))
+            # `+ 0 * sum(x_adv)` keeps the gradient defined (zero) for models that do not depend differentiably on
+            # the input (e.g. a rounding layer), where attacks.pgd would otherwise receive None.
+            return value + 0.0 * tf.reduce_sum(x_adv, axis=axes)
+
+        if random_start:
+            noise = tf.random.stateless_uniform(tf.shape(x), seed, -1.0, 1.0)
+            start = attacks_lib.uniform_start(x, noise, epsilon)
+        else:
+            start = x
+        if steps == 1 and not random_start and step_size == epsilon:
+            return attacks_lib.fgsm(objective, x, epsilon=epsilon)
+        return attacks_lib.pgd(objective, x, start, epsilon=epsilon, step_size=step_size, steps=steps)
+
+    return run
+
+
+def _white_box_attack(name):
+    config = WHITE_BOX[name]
+
+    def attack(model, x, y, *, epsilon=DEFAULT_EPSILON, seed=0, jit_compile=False, **unused):
+        x = tf.convert_to_tensor(x, tf.float32)
+        y = tf.cast(tf.convert_to_tensor(y), tf.int32)
+        image_shape = tuple(x.shape[1:])
+        key = ("white_box", name, image_shape, float(epsilon), bool(jit_compile))
+        run = autoattack._cached(model, key, lambda: _build_white_box(  # pylint: disable=protected-access
+            model, image_shape, epsilon=epsilon, jit_compile=jit_compile, **config))
+        return run(x, y, tf.constant([int(seed), 0], tf.int64))
+
+    attack.__name__ = name
+    attack.__doc__ = (f"SPEC 2 {DISPLAY_NAMES[name]}: {config['steps']} step(s) of "
+                      f"{'eps' if config['step_size'] is None else round(config['step_size'], 6)}, "
+                      f"{'uniform random start' if config['random_start'] else 'no random start'}, "
+                      f"{'CE' if config['loss'] == 'ce' else 'margin (kappa 50)'} loss. Returns x_adv.")
+    return attack
+
+
+def _clean(model, x, y, **unused):
+    """No attack: the images themselves."""
+    del model, y
+    return tf.convert_to_tensor(x, tf.float32)
+
+
+def _autoattack(model, x, y, *, epsilon=DEFAULT_EPSILON, seed=0, jit_compile=False, progress=None, **options):
+    """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square); `options` may reduce its budgets (tests only)."""
+    x_adv, _ = autoattack.autoattack_standard(model, x, y, epsilon=epsilon, seed=seed, progress=progress,
+                                              jit_compile=jit_compile, **options)
+    return x_adv
+
+
+# name -> fn(model, x, y, *, epsilon, seed, jit_compile, **options) -> adversarial images of the batch.
+ATTACKS = {
+    "clean": _clean,
+    "fgsm": _white_box_attack("fgsm"),
+    "pgd_sat": _white_box_attack("pgd_sat"),
+    "pgd_trades": _white_box_attack("pgd_trades"),
+    "cw": _white_box_attack("cw"),
+    "autoattack": _autoattack,
+}
+
+
+def parse_attacks(attacks):
+    """A comma-separated string or a sequence of names -> a tuple in SPEC 2 order, 'clean' always included."""
+    if isinstance(attacks, str):
+        attacks = [a.strip() for a in attacks.split(",") if a.strip()]
+    attacks = [a.lower() for a in attacks]
+    unknown = sorted(set(attacks) - set(ATTACKS))
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {list(ATTACK_NAMES)}")
+    chosen = set(attacks) | {"clean"}  # W-Robust needs the clean accuracy
+    return tuple(name for name in ATTACK_NAMES if name in chosen)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def take_examples(dataset, num_examples=None):
+    """The first `num_examples` (all if None) examples of a dataset of (images, labels), as float32 / int32 numpy.
+
+    Batched datasets (images [B, H, W, C]) are expected; an unbatched one ([H, W, C]) is batched here. Integer
+    images (uint8) are scaled to [0, 1].
+    """
+    image_spec = dataset.element_spec[0]
+    if image_spec.shape.rank == 3:
+        dataset = dataset.batch(256)
+    images, labels, count = [], [], 0
+    for x, y in dataset:
+        if num_examples is not None and count >= num_examples:
+            break
+        x, y = np.asarray(x), np.asarray(y).reshape(-1)
+        if np.issubdtype(x.dtype, np.integer):
+            x = x.astype(np.float32) / 255.0
+        if num_examples is not None:
+            x, y = x[:num_examples - count], y[:num_examples - count]
+        images.append(x.astype(np.float32))
+        labels.append(y.astype(np.int32))
+        count += len(y)
+    if not images:
+        raise ValueError("the evaluation dataset is empty")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sanity_check(correct, max_examples=10):
+    """Per-image implications of a sound evaluation, from {attack: bool[N] correct-under-attack}.
+
+    Checks that every attack's robust images are clean-correct, and that AutoAttack-robust images are robust under
+    FGSM, PGD-SAT, PGD-TRADES and CW. Returns {"passed", "violations", "checks": [...]}; each check lists its count and
+    the first indices that violate it.
+    """
+    checks = []
+
+    def check(stronger, weaker):
+        bad = np.flatnonzero(correct[stronger] & ~correct[weaker])
+        checks.append({"robust_under": stronger, "implies_correct_under": weaker, "violations": int(bad.size),
+                       "examples": [int(i) for i in bad[:max_examples]]})
+
+    for name in correct:
+        if name != "clean" and "clean" in correct:
+            check(name, "clean")
+    if "autoattack" in correct:
+        for name in _WEAKER_THAN_AUTOATTACK:
+            if name in correct:
+                check("autoattack", name)
+    total = sum(c["violations"] for c in checks)
+    return {"passed": total == 0, "violations": total, "checks": checks}
+
+
+def _write_atomically(path, text):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def format_markdown(report, title=None):
+    """The SPEC 2 table: Attack | Accuracy (%) | W-Robust (%) | Time (s)."""
+    eps = report["epsilon"]
+    lines = [f"# {title or 'Robustness evaluation'}", "",
+             f"L∞ ε = {eps * 255:.4g}/255 ({eps:.5f}), inputs in [0, 1], {report['num_examples']} test images "
+             f"(the first N), seed {report['seed']}.", "",
+             "| Attack | Accuracy (%) | W-Robust (%) | Time (s) |", "|---|---:|---:|---:|"]
+    for name, r in report["attacks"].items():
+        lines.append(f"| {DISPLAY_NAMES.get(name, name)} | {100 * r['accuracy']:.2f} | {100 * r['w_robust']:.2f} "
+                     f"| {r['seconds']:.1f} |")
+    lines.append("")
+    lines.append("W-Robust = (clean accuracy + accuracy under the attack) / 2. AutoAttack = standard version "
+                 "(APGD-CE, APGD-T, FAB-T, Square 5000 queries), worst case per image.")
+    sanity = report.get("sanity")
+    if sanity is not None:
+        lines.append("")
+        if sanity["passed"]:
+            lines.append("Sanity check passed: per image, AutoAttack-robust ⇒ robust under the other attacks ⇒ "
+                         "clean-correct.")
+        else:
+            lines.append(f"**Sanity check failed: {sanity['violations']} violation(s)** (a broken attack or "
+                         "gradient masking):")
+            lines.append("")
+            for c in sanity["checks"]:
+                if c["violations"]:
+                    weaker = c["implies_correct_under"]
+                    what = "clean-correct" if weaker == "clean" else f"robust under {weaker}"
+                    lines.append(f"- {c['violations']} image(s) robust under {c['robust_under']} but not {what} "
+                                 f"(e.g. indices {c['examples']})")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _batch_seed(seed, attack_index, batch_index):
+    return int(np.random.SeedSequence([int(seed), attack_index, batch_index]).generate_state(1)[0])
+
+
+def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
+             seed=0, output_dir, summary_writer=None, progress=True, step=0, jit_compile=False, attack_options=None,
+             title=None):
+    """Accuracy of `model` under each attack on the first `num_examples` examples of `dataset`.
+
+    Args:
+      model: a Keras model (or callable `model(x, training=False)`) mapping images in [0, 1] to logits.
+      dataset: tf.data.Dataset of (images float32 [B, H, W, C] in [0, 1], int labels [B]) batches.
+      attacks: names from ATTACK_NAMES (or a comma-separated string); 'clean' is always evaluated.
+      epsilon: L-inf radius. num_examples: None = all. batch_size: images per attack batch. seed: RNG seed.
+      output_dir: where report.json and report.md go (created if needed).
+      summary_writer: optional tf.summary writer; scalars eval/<attack>_{accuracy,w_robust,seconds} at `step`.
+      progress: show a keras Progbar per attack. jit_compile: XLA for the gradient attacks (one device only).
+      attack_options: {attack name: extra keyword arguments}, e.g. reduced AutoAttack budgets for tests.
+    Returns the report dict (the content of report.json).
+    """
+    names = parse_attacks(attacks)
+    attack_options = dict(attack_options or {})
+    epsilon = float(epsilon)
+    images, labels = take_examples(dataset, num_examples)
+    n = len(labels)
+    os.makedirs(output_dir, exist_ok=True)
+
+    results, correct = {}, {}
+    for attack_index, name in enumerate(names):
+        options = dict(attack_options.get(name, {}))
+        if progress:
+            print(f"[{attack_index + 1}/{len(names)}] {DISPLAY_NAMES[name]} on {n} images", flush=True)
+        bar = keras.utils.Progbar(n, verbose=1 if progress else 0, stateful_metrics=["accuracy"], unit_name="image")
+        flags = np.zeros(n, dtype=bool)
+        max_perturbation, out_of_range = 0.0, 0
+        start = time.time()
+        for batch_index, begin in enumerate(range(0, n, batch_size)):
+            end = min(begin + batch_size, n)
+            x = tf.constant(images[begin:end])
+            y = tf.constant(labels[begin:end])
+            if name == "autoattack":
+                options["progress"] = _autoattack_logger(batch_index, -(-n // batch_size))
+            x_adv = ATTACKS[name](model, x, y, epsilon=epsilon, seed=_batch_seed(seed, ATTACK_NAMES.index(name),
+                                                                                 batch_index),
+                                  jit_compile=jit_compile, **options)
+            _, pred = autoattack.predict(model, x_adv)
+            flags[begin:end] = pred.numpy() == labels[begin:end]
+            x_adv_np = np.asarray(x_adv)
+            max_perturbation = max(max_perturbation, float(np.max(np.abs(x_adv_np - images[begin:end]))))
+            out_of_range += int(np.sum((x_adv_np < 0.0) | (x_adv_np > 1.0)))
+            bar.update(end, values=[("accuracy", float(flags[:end].mean()))])
+        seconds = time.time() - start
+        correct[name] = flags
+        valid = max_perturbation <= epsilon + _TOLERANCE and out_of_range == 0
+        if not valid:
+            logging.error("%s produced images outside the eps-ball or [0, 1] (max |x_adv - x| = %g, eps = %g, "
+                          "%d values outside [0, 1]): its accuracy is not a valid robustness number.",
+                          name, max_perturbation, epsilon, out_of_range)
+        results[name] = {"accuracy": float(flags.mean()), "num_correct": int(flags.sum()), "num_examples": n,
+                         "seconds": round(seconds, 3), "max_perturbation": max_perturbation, "valid": valid}
+        logging.info("%s: accuracy %.2f%% (%d/%d) in %.1f s", DISPLAY_NAMES[name], 100 * flags.mean(),
+                     flags.sum(), n, seconds)
+
+    clean_accuracy = results["clean"]["accuracy"]
+    for r in results.values():
+        r["w_robust"] = (clean_accuracy + r["accuracy"]) / 2.0
+
+    sanity = sanity_check(correct)
+    for c in sanity["checks"]:
+        if c["violations"]:
+            weaker = c["implies_correct_under"]
+            logging.warning(
+                "Sanity check: %d image(s) robust under %s but %s (indices %s%s). This means a broken attack or "
+                "gradient masking.", c["violations"], c["robust_under"],
+                "misclassified clean" if weaker == "clean" else f"broken by {weaker}", c["examples"],
+                ", ..." if c["violations"] > len(c["examples"]) else "")
+
+    report = {"attacks": results, "epsilon": epsilon, "num_examples": n, "seed": int(seed),
+              "batch_size": int(batch_size), "sanity": sanity}
+    _write_atomically(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    _write_atomically(os.path.join(output_dir, "report.md"), format_markdown(report, title))
+
+    if summary_writer is not None:
+        with summary_writer.as_default():
+            for name, r in results.items():
+                tf.summary.scalar(f"eval/{name}_accuracy", r["accuracy"], step=step)
+                tf.summary.scalar(f"eval/{name}_w_robust", r["w_robust"], step=step)
+                tf.summary.scalar(f"eval/{name}_seconds", r["seconds"], step=step)
+            tf.summary.scalar("eval/sanity_violations", sanity["violations"], step=step)
+        summary_writer.flush()
+    return report
+
+
+def _autoattack_logger(batch_index, num_batches):
+    def log(stage, num_robust, num_images):
+        logging.info("AutoAttack batch %d/%d: %d/%d robust after %s", batch_index + 1, num_batches, num_robust,
+                     num_images, stage)
+    return log

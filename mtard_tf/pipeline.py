@@ -1,0 +1,151 @@
+"""The whole job (`--mode=all`): teachers, distillation, evaluation, export, each stage resumable.
+
+A stage whose output exists and is valid is skipped, so re-running the same command after an interruption
+continues where it stopped; inside a training stage, Keras' BackupAndRestore resumes from the last epoch.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+
+import keras
+import tensorflow as tf
+
+from mtard_tf import data, evaluation, export, teachers, training
+
+TEACHER_ATTACKS = ("clean", "pgd_sat")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    attacks: tuple = evaluation.ATTACK_NAMES
+    num_examples: int | None = None
+    batch_size: int = 250
+
+
+@dataclasses.dataclass
+class ExportConfig:
+    export_dir: str = "saved_models"
+    model_name: str = "mtard_student"
+    version: int | None = None
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_stage(config, kind, strategy):
+    """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
+    given = config.clean_teacher if kind == "clean" else config.robust_teacher
+    path = given or training.teacher_path(config.model_dir, kind)
+    info = data.load_info(config.dataset, config.data_dir)
+    if given or os.path.exists(path):
+        teachers.load_teacher(path, info.image_shape, info.num_classes)  # raises with a clear message if invalid
+        print(f"{kind} teacher: using {path}")
+        return path
+    print(f"{kind} teacher: training {path}")
+    return training.train_teacher(config, kind, strategy)[0]
+
+
+def student_stage(config, strategy):
+    path = os.path.join(config.model_dir, "student.keras")
+    if os.path.exists(path):
+        info = data.load_info(config.dataset, config.data_dir)
+        teachers.load_teacher(path, info.image_shape, info.num_classes)
+        print(f"student: using {path}")
+        return path
+    print(f"student: distilling into {path}")
+    return training.distill(config, strategy)[0]
+
+
+def _report_is_current(report_path, model_path, attacks, num_examples):
+    if not os.path.exists(report_path) or os.path.getmtime(report_path) < os.path.getmtime(model_path):
+        return False
+    with open(report_path) as f:
+        report = json.load(f)
+    results = report.get("attacks", {})
+    wanted = {name: result for name, result in results.items() if name in attacks}
+    return len(wanted) == len(attacks) and all(
+        num_examples is None or result.get("num_examples") == num_examples for result in wanted.values())
+
+
+def evaluate_stage(config, eval_config, model_path, output_dir, attacks=None, reuse=True):
+    """Runs the evaluation suite on a .keras model, unless `reuse` and an up-to-date report exists."""
+    attacks = tuple(attacks or eval_config.attacks)
+    report_path = os.path.join(output_dir, "report.json")
+    if reuse and _report_is_current(report_path, model_path, attacks, eval_config.num_examples):
+        print(f"evaluation of {model_path}: using {report_path}")
+    else:
+        info = data.load_info(config.dataset, config.data_dir)
+        model = keras.models.load_model(model_path, compile=False)
+        teachers.check_model_fits(model, info.image_shape, info.num_classes, what=f"model {model_path}")
+        dataset = data.eval_dataset(config.dataset, config.data_dir, eval_config.batch_size,
+                                    eval_config.num_examples)
+        writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+        print(f"evaluation of {model_path}: {', '.join(attacks)}")
+        evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.epsilon,
+                            num_examples=eval_config.num_examples, batch_size=eval_config.batch_size,
+                            seed=config.seed, output_dir=output_dir, summary_writer=writer,
+                            progress=bool(config.verbose))
+        writer.close()
+    with open(report_path) as f:
+        return json.load(f)
+
+
+def export_stage(config, export_config, student_path, reuse=True):
+    """Exports the student for TF Serving, unless `reuse` and this very student file was exported already."""
+    marker = os.path.join(config.model_dir, "export.json")
+    digest = file_sha256(student_path)
+    if reuse and os.path.exists(marker):
+        with open(marker) as f:
+            previous = json.load(f)
+        if previous.get("student_sha256") == digest and os.path.isdir(previous.get("path", "")):
+            print(f"export: using {previous['path']}")
+            return previous["path"]
+    info = data.load_info(config.dataset, config.data_dir)
+    model = keras.models.load_model(student_path, compile=False)
+    path = export.export_model(model, export_config.export_dir, export_config.model_name, list(info.class_names),
+                               version=export_config.version)
+    training.write_json(marker, {"student_sha256": digest, "path": path})
+    print(f"export: {path}")
+    return path
+
+
+def _accuracy(report, attack):
+    result = report.get("attacks", {}).get(attack)
+    return f"{100 * result['accuracy']:6.2f}%" if result else "   n/a "
+
+
+def run_all(config, eval_config, export_config, strategy):
+    """Teachers -> student -> evaluation -> export; prints and returns a summary."""
+    clean_path = teacher_stage(config, "clean", strategy)
+    robust_path = teacher_stage(config, "robust", strategy)
+    config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
+    student_path = student_stage(config, strategy)
+    eval_dir = os.path.join(config.model_dir, "eval")
+    reports = {
+        "clean teacher": (clean_path, evaluate_stage(config, eval_config, clean_path,
+                                                     os.path.join(eval_dir, "clean_teacher"), TEACHER_ATTACKS)),
+        "robust teacher": (robust_path, evaluate_stage(config, eval_config, robust_path,
+                                                       os.path.join(eval_dir, "robust_teacher"), TEACHER_ATTACKS)),
+        "student": (student_path, evaluate_stage(config, eval_config, student_path, eval_dir)),
+    }
+    export_path = export_stage(config, export_config, student_path)
+
+    num_examples = reports["student"][1]["attacks"]["clean"]["num_examples"]
+    lines = [f"== mtard_tf: done. Accuracy on the first {num_examples} {config.dataset} test images ==",
+             f"{'model':<15} {'clean':>7} {'PGD-20':>7} {'AA':>7}  file"]
+    for name, (path, report) in reports.items():
+        lines.append(f"{name:<15} {_accuracy(report, 'clean')} {_accuracy(report, 'pgd_sat')} "
+                     f"{_accuracy(report, 'autoattack')}  {path}")
+    lines += [f"evaluation report: {os.path.join(eval_dir, 'report.md')}",
+              f"TF Serving export: {export_path}",
+              f"TensorBoard:       tensorboard --logdir {config.model_dir}"]
+    print("\n".join(lines))
+    return {"clean_teacher": clean_path, "robust_teacher": robust_path, "student": student_path,
+            "export": export_path, "reports": {name: report for name, (_, report) in reports.items()}}
