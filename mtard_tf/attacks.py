@@ -30,7 +30,7 @@ def pgd(objective, x, x_start, *, epsilon, step_size, steps):
         with tf.GradientTape() as tape:
             tape.watch(x_adv)
             loss = tf.reduce_sum(objective(x_adv))
-        gradient = tape.gradient(loss, x_adv)
+        gradient = tape.gradient(loss, x_adv, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         return i + 1, project(x_adv + step_size * tf.sign(gradient), x, epsilon)
 
     _, x_adv = tf.while_loop(

@@ -65,7 +65,8 @@ flags.DEFINE_list("milestones", ["215", "260", "285"], "Epochs at which lr, weig
                   "are multiplied by --decay.")
 flags.DEFINE_float("decay", 0.1, "Decay factor at each milestone.", lower_bound=0.0)
 flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
-                  "XLA for the train step; auto: on with one replica, off with several.")
+                  "XLA for the train step; auto: on for a single GPU, off on CPU (slower there) "
+                  "and with several replicas (unsupported).")
 
 # Attack (SPEC 1.1).
 flags.DEFINE_float("epsilon", 8 / 255, "L-inf radius of the attack, in [0, 1] pixel units.")

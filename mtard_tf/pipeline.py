@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 
 import keras
 import tensorflow as tf
@@ -121,21 +122,37 @@ def _accuracy(report, attack):
     return f"{100 * result['accuracy']:6.2f}%" if result else "   n/a "
 
 
+class StageTimer:
+    """Wall time of each stage, for the summary."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def __call__(self, name, function, *args, **kwargs):
+        start = time.time()
+        result = function(*args, **kwargs)
+        self.seconds[name] = time.time() - start
+        return result
+
+
 def run_all(config, eval_config, export_config, strategy):
     """Teachers -> student -> evaluation -> export; prints and returns a summary."""
-    clean_path = teacher_stage(config, "clean", strategy)
-    robust_path = teacher_stage(config, "robust", strategy)
+    timed = StageTimer()
+    clean_path = timed("clean teacher", teacher_stage, config, "clean", strategy)
+    robust_path = timed("robust teacher", teacher_stage, config, "robust", strategy)
     config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
-    student_path = student_stage(config, strategy)
+    student_path = timed("student", student_stage, config, strategy)
     eval_dir = os.path.join(config.model_dir, "eval")
     reports = {
-        "clean teacher": (clean_path, evaluate_stage(config, eval_config, clean_path,
-                                                     os.path.join(eval_dir, "clean_teacher"), TEACHER_ATTACKS)),
-        "robust teacher": (robust_path, evaluate_stage(config, eval_config, robust_path,
-                                                       os.path.join(eval_dir, "robust_teacher"), TEACHER_ATTACKS)),
-        "student": (student_path, evaluate_stage(config, eval_config, student_path, eval_dir)),
+        "clean teacher": (clean_path, timed("evaluate clean teacher", evaluate_stage, config, eval_config, clean_path,
+                                            os.path.join(eval_dir, "clean_teacher"), TEACHER_ATTACKS)),
+        "robust teacher": (robust_path, timed("evaluate robust teacher", evaluate_stage, config, eval_config,
+                                              robust_path, os.path.join(eval_dir, "robust_teacher"),
+                                              TEACHER_ATTACKS)),
+        "student": (student_path, timed("evaluate student", evaluate_stage, config, eval_config, student_path,
+                                        eval_dir)),
     }
-    export_path = export_stage(config, export_config, student_path)
+    export_path = timed("export", export_stage, config, export_config, student_path)
 
     num_examples = reports["student"][1]["attacks"]["clean"]["num_examples"]
     lines = [f"== mtard_tf: done. Accuracy on the first {num_examples} {config.dataset} test images ==",
@@ -145,7 +162,9 @@ def run_all(config, eval_config, export_config, strategy):
                      f"{_accuracy(report, 'autoattack')}  {path}")
     lines += [f"evaluation report: {os.path.join(eval_dir, 'report.md')}",
               f"TF Serving export: {export_path}",
-              f"TensorBoard:       tensorboard --logdir {config.model_dir}"]
+              f"TensorBoard:       tensorboard --logdir {config.model_dir}",
+              "wall time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timed.seconds.items())]
     print("\n".join(lines))
     return {"clean_teacher": clean_path, "robust_teacher": robust_path, "student": student_path,
-            "export": export_path, "reports": {name: report for name, (_, report) in reports.items()}}
+            "export": export_path, "reports": {name: report for name, (_, report) in reports.items()},
+            "seconds": timed.seconds}
