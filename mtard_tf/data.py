@@ -1,12 +1,16 @@
 """Image-classification data from tensorflow-datasets: float32 images in [0, 1], integer labels.
 
-Shapes, class counts and class names come from the dataset's own info. Training batches are augmented per image
-with Keras layers (pad 4, random crop back to the image size, random horizontal flip) in a parallel tf.data map.
+Shapes, class counts and class names come from the dataset's own info. The training stream is a pure function of
+(seed, position): position p = e * N + i of the stream is example index_shuffle(i, (seed, e)) of the train split (a
+fresh permutation every epoch e), augmented (pad 4, random crop back to the image size, random horizontal flip)
+with stateless random ops seeded by (seed, p). So a run resumed at step s sees exactly the batches an uninterrupted
+run sees, whatever the parallelism of the map, and resuming costs nothing. The train split is held in memory as
+uint8 (150 MB for CIFAR); tf.data's stateful shuffle was not used because its order depended on process state. (Keras' RandomCrop/RandomFlip layers draw from a stateful seed generator, which a parallel tf.data map
+consumes in a nondeterministic order, and RandomCrop uses one offset per batch; hence tf.image's stateless ops.)
 """
 
 import dataclasses
 
-import keras
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -73,30 +77,46 @@ def to_float(image, label):
     return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)
 
 
-def augmenter(image_shape, seed=None, padding=4):
-    """Pad + random crop to the original size + random horizontal flip, as one Keras model over a batch."""
-    height, width = image_shape[0], image_shape[1]
-    return keras.Sequential([
-        keras.layers.ZeroPadding2D(padding),
-        keras.layers.RandomCrop(height, width, seed=seed),
-        keras.layers.RandomFlip("horizontal", seed=seed),
-    ], name="augment")
+def augment_image(image, seed, padding=4):
+    """Zero-pad by `padding`, crop back to the original size at a random offset, flip left-right with p = 1/2.
+
+    `seed` is a stateless seed (shape [2]); the same seed gives the same augmentation.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    padded = tf.pad(image, [[padding, padding], [padding, padding], [0, 0]])
+    cropped = tf.image.stateless_random_crop(padded, tf.shape(image), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(cropped, seed=flip_seed)
 
 
-def train_dataset(name, data_dir, batch_size, seed=0, augment=True, shuffle_buffer=50_000):
-    """Endless, shuffled, augmented batches of the train split (drop_remainder so every step sees a full batch)."""
-    info = load_info(name, data_dir)
-    augment_layers = augmenter(info.image_shape, seed=seed) if augment else None
+def _train_arrays(name, data_dir):
+    """The whole train split as (uint8 images [N, H, W, C], labels [N]) tensors."""
+    try:
+        images, labels = tfds.load(name, split="train", data_dir=data_dir, as_supervised=True, download=False,
+                                   batch_size=-1)
+    except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as error:
+        raise _unavailable(name, data_dir) from error
+    return images, labels
 
-    def preprocess(image, label):
-        image, label = to_float(image, label)
-        if augment_layers is not None:
-            image = augment_layers(image[tf.newaxis], training=True)[0]
+
+def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0):
+    """Endless, shuffled, augmented batches of the train split, starting at batch `start_step` of the stream.
+
+    Batches are full (drop_remainder), and batch k is the same for any `start_step` <= k (see the module doc).
+    """
+    images, labels = _train_arrays(name, data_dir)
+    num_examples = int(labels.shape[0])
+
+    def example(position):
+        epoch, offset = position // num_examples, position % num_examples
+        index = tf.random.experimental.index_shuffle(
+            offset, tf.stack([tf.cast(seed, tf.int64), epoch]), num_examples - 1)
+        image, label = to_float(tf.gather(images, index), tf.gather(labels, index))
+        if augment:
+            image = augment_image(image, tf.stack([tf.cast(seed, tf.int64), position]))
         return image, label
 
-    dataset = _load_split(name, "train", data_dir).cache()
-    dataset = dataset.shuffle(min(shuffle_buffer, info.num_train), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.range(start_step * batch_size, tf.int64.max)
+    dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
 
 

@@ -11,7 +11,6 @@ One training step, on a batch (x, y):
 Statistics that drive the balancing rules are cross-replica means, so the state is the same on every replica.
 """
 
-import keras
 import tensorflow as tf
 
 from mtard_tf import attacks, balancing, losses
@@ -45,19 +44,13 @@ class Distiller(Trainer):
         self.temperature_min = float(temperature_min)
         self.temperature_max = float(temperature_max)
         self.beta = float(beta)
-
-        def state(name, value):
-            return self.add_weight(name=name, shape=(), initializer=keras.initializers.Constant(value),
-                                   dtype="float32", trainable=False, autocast=False,
-                                   aggregation="only_first_replica")
-
-        self.temperature_adv = state("temperature_adv", 1.0)
-        self.temperature_nat = state("temperature_nat", 1.0)
-        self.weight_adv = state("weight_adv", 0.5)
-        self.weight_nat = state("weight_nat", 0.5)
-        self.initial_kl_adv = state("initial_kl_adv", 0.0)
-        self.initial_kl_nat = state("initial_kl_nat", 0.0)
-        self.initial_kl_set = state("initial_kl_set", 0.0)
+        self.temperature_adv = self.add_state("temperature_adv", 1.0)
+        self.temperature_nat = self.add_state("temperature_nat", 1.0)
+        self.weight_adv = self.add_state("weight_adv", 0.5)
+        self.weight_nat = self.add_state("weight_nat", 0.5)
+        self.initial_kl_adv = self.add_state("initial_kl_adv", 0.0)
+        self.initial_kl_nat = self.add_state("initial_kl_nat", 0.0)
+        self.initial_kl_set = self.add_state("initial_kl_set", 0.0)
 
     @property
     def student(self):
@@ -93,6 +86,31 @@ class Distiller(Trainer):
         self.temperature_adv.assign(temperature_adv)
         self.temperature_nat.assign(temperature_nat)
 
+    def adversarial_examples(self, images, labels):
+        """x' = PGD on the student's CE (inference mode) from x + 0.001 N(0, I) (SPEC 1.1)."""
+        return self.attack(self.cross_entropy_objective(labels), images,
+                           attacks.normal_start(images, self.attack_noise(images)))
+
+    def teacher_targets(self, images, images_adv, temperature_adv, temperature_nat):
+        """p_a = softmax(T_a(x') / tau_a), p_n = softmax(T_n(x) / tau_n), teachers frozen in inference mode."""
+        return (losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv),
+                losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat))
+
+    def update_student(self, images, images_adv, probs_adv, probs_nat, step):
+        """Distillation losses (student in training mode), loss weights from them, one SGD step on the student.
+
+        Returns the cross-replica losses and the weights that computed this step's loss.
+        """
+        with tf.GradientTape() as tape:
+            kl_adv_per_example = losses.distillation_kl(self.student(images_adv, training=True), probs_adv)
+            kl_nat_per_example = losses.distillation_kl(self.student(images, training=True), probs_nat)
+            kl_adv = global_mean(tf.stop_gradient(kl_adv_per_example))
+            kl_nat = global_mean(tf.stop_gradient(kl_nat_per_example))
+            weight_adv, weight_nat = self.update_loss_weights(kl_adv, kl_nat, step)
+            per_example = self.kl_scale * (weight_adv * kl_adv_per_example + weight_nat * kl_nat_per_example)
+        self.minimize(tape, per_example)
+        return kl_adv, kl_nat, weight_adv, weight_nat
+
     def train_step(self, data):
         images, labels = data
         images = tf.cast(images, tf.float32)
@@ -101,27 +119,13 @@ class Distiller(Trainer):
         temperature_adv = tf.identity(self.temperature_adv)
         temperature_nat = tf.identity(self.temperature_nat)
 
-        # 1. The student's adversarial examples (SPEC 1.1).
-        images_adv = self.attack(self.cross_entropy_objective(labels), images,
-                                 attacks.normal_start(images, self.attack_noise(images)))
-
-        # 2. Frozen teachers in inference mode, at this step's temperatures.
-        probs_adv = losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv)
-        probs_nat = losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat)
-
-        with tf.GradientTape() as tape:
-            # 3. Distillation losses, student in training mode.
-            kl_adv_per_example = losses.distillation_kl(self.student(images_adv, training=True), probs_adv)
-            kl_nat_per_example = losses.distillation_kl(self.student(images, training=True), probs_nat)
-            kl_adv = global_mean(tf.stop_gradient(kl_adv_per_example))
-            kl_nat = global_mean(tf.stop_gradient(kl_nat_per_example))
-            # 4. Loss weights from this step's losses, then the weighted loss.
-            weight_adv, weight_nat = self.update_loss_weights(kl_adv, kl_nat, step)
-            per_example = self.kl_scale * (weight_adv * kl_adv_per_example + weight_nat * kl_nat_per_example)
-        # 5. Update the student only.
-        self.minimize(tape, per_example)
-
-        # 6. Teacher temperatures for the next step.
+        # 1. The student's adversarial examples.
+        images_adv = self.adversarial_examples(images, labels)
+        # 2. Teacher probabilities at this step's temperatures.
+        probs_adv, probs_nat = self.teacher_targets(images, images_adv, temperature_adv, temperature_nat)
+        # 3-5. Losses, Normalization Loss Balance, and the student's update with the new weights.
+        kl_adv, kl_nat, weight_adv, weight_nat = self.update_student(images, images_adv, probs_adv, probs_nat, step)
+        # 6. Entropy-Based Balance: teacher temperatures for the next step.
         entropy_adv = global_mean(losses.teacher_entropy(probs_adv))
         entropy_nat = global_mean(losses.teacher_entropy(probs_nat))
         self.update_temperatures(entropy_adv, entropy_nat, step)

@@ -38,6 +38,13 @@ def kl_divergence(target_logits, logits, temperature=1.0):
     return tf.reduce_sum(tf.exp(target_log_probs) * (target_log_probs - log_probs), axis=-1)
 
 
+def class_mean_kl_divergence(target_logits, logits, temperature=1.0):
+    """Per-example KL(softmax(target/tau) || softmax(logits/tau)) / C: PyTorch's default `nn.KLDivLoss()` (a mean
+    over the B x C entries), the reduction of the ARD and AdaAD reference code on CIFAR-10."""
+    num_classes = tf.cast(tf.shape(logits)[-1], tf.float32)
+    return kl_divergence(target_logits, logits, temperature) / num_classes
+
+
 def margin_loss(labels, logits, kappa=50.0):
     """CW-inf attack objective, to maximise: -max(z_y - max_{j != y} z_j, -kappa)."""
     logits = tf.cast(logits, tf.float32)

@@ -10,8 +10,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info/warn
 FLAGS = flags.FLAGS
 
 MODES = ("all", "distill", "train_teacher", "evaluate", "export")
-flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), distillation, "
+# baselines.METHOD_NAMES (spelled out here: flags are defined before TensorFlow is imported; a test checks they agree).
+METHOD_NAMES = ("natural", "sat", "trades", "ard", "rslad", "adaad", "mtard", "b_mtard")
+DISTILLER_METHODS = ("b_mtard", "mtard")
+flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
                   "evaluation, export, each skipped when its output exists; or one of those stages alone.")
+flags.DEFINE_enum("method", "b_mtard", METHOD_NAMES,
+                  "How --mode=all / --mode=distill train the student (SPEC 1.7): b_mtard, mtard (two teachers); "
+                  "ard, rslad, adaad (robust teacher); sat (PGD-AT), trades, natural (no teacher).")
 flags.DEFINE_string("dataset", "cifar10", "tensorflow-datasets image classification dataset name.")
 flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared dataset (offline use).")
 flags.DEFINE_string("model_dir", "runs/cifar10", "Where checkpoints, TensorBoard logs and models are written.")
@@ -58,6 +64,8 @@ flags.DEFINE_integer("batch_size", 128, "Global batch size (split over the repli
 flags.DEFINE_integer("validation_steps", None, "Test batches per end-of-epoch validation (default: all).",
                      lower_bound=1)
 flags.DEFINE_integer("log_every_n_steps", 1, "TensorBoard scalars every N training steps.", lower_bound=1)
+flags.DEFINE_integer("checkpoint_every_n_steps", 0, "Also checkpoint every N training steps (0: at epoch ends only).",
+                     lower_bound=0)
 flags.DEFINE_float("learning_rate", 0.1, "SGD learning rate.", lower_bound=0.0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.", lower_bound=0.0)
 flags.DEFINE_float("weight_decay", 2e-4, "L2 weight decay (coupled, as PyTorch SGD).", lower_bound=0.0)
@@ -84,8 +92,18 @@ flags.DEFINE_float("temperature_rate", 0.001, "eta_tau: learning rate of the tea
 flags.DEFINE_float("temperature_min", 1.0, "Lower bound of the teacher temperatures.", lower_bound=0.0)
 flags.DEFINE_float("temperature_max", 10.0, "Upper bound of the teacher temperatures.", lower_bound=0.0)
 flags.DEFINE_float("beta", 1.0, "Power of the relative loss progress in the weight rule (MTARD).")
-flags.DEFINE_float("kl_scale", 1.0, "Multiplies both distillation terms (10 in the reference for CIFAR-100).",
-                   lower_bound=0.0)
+flags.DEFINE_float("kl_scale", 1.0, "Multiplies the distillation KL terms of b_mtard, mtard, rslad and adaad "
+                   "(10 in the reference for CIFAR-100).", lower_bound=0.0)
+
+# Baselines (SPEC 1.7), with their papers' defaults; TRADES' beta is --trades_beta.
+flags.DEFINE_float("ard_temperature", 30.0, "ARD: distillation temperature tau.", lower_bound=0.0)
+flags.DEFINE_float("ard_alpha", 1.0, "ARD: weight of the tau^2 KL term; 1 - alpha weighs CE on clean images.",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("rslad_adv_weight", 5 / 6, "RSLAD: weight of the KL on adversarial images (1 - w on clean).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.DEFINE_float("adaad_alpha", 1.0, "AdaAD: weight of the KL on adversarial images (1 - alpha on clean).",
+                   lower_bound=0.0, upper_bound=1.0)
+flags.register_validator("ard_temperature", lambda v: v > 0, "--ard_temperature must be positive")
 
 flags.register_validator("epsilon", lambda v: 0 < v <= 1, "--epsilon must be in (0, 1]")
 flags.register_validator("attack_step_size", lambda v: 0 < v <= 1, "--attack_step_size must be in (0, 1]")
@@ -107,18 +125,29 @@ def _epochs(values):
     return tuple(int(v) for v in values)
 
 
+def student_method():
+    """--method; the older --balance=b_mtard|mtard chooses the distiller when --method is not given."""
+    if not FLAGS["method"].present:
+        return FLAGS.balance if FLAGS["balance"].present else FLAGS.method
+    if FLAGS["balance"].present and FLAGS.method in DISTILLER_METHODS and FLAGS.balance != FLAGS.method:
+        raise ValueError(f"--balance={FLAGS.balance} contradicts --method={FLAGS.method}; give --method alone")
+    return FLAGS.method
+
+
 def run_config():
     from mtard_tf.training import RunConfig
+    method = student_method()
     return RunConfig(
         dataset=FLAGS.dataset, data_dir=FLAGS.data_dir, model_dir=FLAGS.model_dir, seed=FLAGS.seed,
         batch_size=FLAGS.batch_size, steps_per_epoch=FLAGS.steps_per_epoch, validation_steps=FLAGS.validation_steps,
-        log_every_n_steps=FLAGS.log_every_n_steps,
+        log_every_n_steps=FLAGS.log_every_n_steps, checkpoint_every_n_steps=FLAGS.checkpoint_every_n_steps,
         jit_compile={"auto": None, "true": True, "false": False}[FLAGS.jit_compile],
         sync_batchnorm=FLAGS.sync_batchnorm, epsilon=FLAGS.epsilon, attack_steps=FLAGS.attack_steps,
         attack_step_size=FLAGS.attack_step_size, eval_attack_steps=FLAGS.eval_attack_steps,
         momentum=FLAGS.momentum, weight_decay=FLAGS.weight_decay, decay=FLAGS.decay, student=FLAGS.student,
         clean_teacher=FLAGS.clean_teacher or "", robust_teacher=FLAGS.robust_teacher or "", epochs=FLAGS.epochs,
-        learning_rate=FLAGS.learning_rate, milestones=_epochs(FLAGS.milestones), balance=FLAGS.balance,
+        learning_rate=FLAGS.learning_rate, milestones=_epochs(FLAGS.milestones), method=method,
+        balance=method if method in DISTILLER_METHODS else FLAGS.balance,
         weight_rate=FLAGS.weight_rate, temperature_rate=FLAGS.temperature_rate,
         temperature_min=FLAGS.temperature_min, temperature_max=FLAGS.temperature_max, beta=FLAGS.beta,
         kl_scale=FLAGS.kl_scale, clean_teacher_arch=FLAGS.clean_teacher_arch,
@@ -127,7 +156,8 @@ def run_config():
         clean_teacher_schedule=FLAGS.clean_teacher_schedule, robust_teacher_schedule=FLAGS.robust_teacher_schedule,
         clean_teacher_milestones=_epochs(FLAGS.clean_teacher_milestones),
         robust_teacher_milestones=_epochs(FLAGS.robust_teacher_milestones), robust_method=FLAGS.robust_method,
-        trades_beta=FLAGS.trades_beta)
+        trades_beta=FLAGS.trades_beta, ard_temperature=FLAGS.ard_temperature, ard_alpha=FLAGS.ard_alpha,
+        rslad_adv_weight=FLAGS.rslad_adv_weight, adaad_alpha=FLAGS.adaad_alpha)
 
 
 def eval_config():
@@ -160,8 +190,9 @@ def run_mode(mode):
     if mode == "all":
         pipeline.run_all(run_config(), eval_config(), export_config(), make_strategy())
     elif mode == "distill":
-        path, _ = training.distill(run_config(), make_strategy())
-        print(f"student saved to {path}")
+        config = run_config()
+        path, _ = training.train_student(config, config.method, make_strategy())
+        print(f"student ({config.method}) saved to {path}")
     elif mode == "train_teacher":
         path, _ = training.train_teacher(run_config(), FLAGS.teacher, make_strategy())
         print(f"{FLAGS.teacher} teacher saved to {path}")
@@ -173,25 +204,34 @@ def run_mode(mode):
         pipeline.export_stage(run_config(), export_config(), required_model(), reuse=False)
 
 
-def main(argv):
+def run_guarded(argv, body):
+    """The common frame of a command: devices, `<model_dir>/flags.txt`, then body(); an error is one line, exit 1."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (tfds) drown the progress bar
     from mtard_tf import training  # imports TensorFlow; devices are configured right after
     training.set_cpu_replicas(FLAGS.cpu_replicas)
+    from mtard_tf.checkpointing import NonFiniteLossError
     from mtard_tf.data import DataUnavailableError
     from mtard_tf.teachers import TeacherError
     try:
-        os.makedirs(FLAGS.model_dir, exist_ok=True)
-        with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
-            f.write(FLAGS.flags_into_string())
-        run_mode(FLAGS.mode)
-    except (DataUnavailableError, TeacherError, ValueError, OSError) as error:
+        try:
+            os.makedirs(FLAGS.model_dir, exist_ok=True)
+            with open(os.path.join(FLAGS.model_dir, "flags.txt"), "w") as f:
+                f.write(FLAGS.flags_into_string())
+        except OSError as error:
+            raise OSError(f"cannot write to --model_dir={FLAGS.model_dir}: {error.strerror or error}") from error
+        body()
+    except (DataUnavailableError, TeacherError, NonFiniteLossError, ValueError, OSError) as error:
         logging.debug("error", exc_info=True)
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv):
+    return run_guarded(argv, lambda: run_mode(FLAGS.mode))
 
 
 def run():

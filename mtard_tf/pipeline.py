@@ -54,14 +54,15 @@ def teacher_stage(config, kind, strategy):
 
 
 def student_stage(config, strategy):
+    """`<model_dir>/student.keras`, trained now with `config.method` unless it exists (checked, then reused)."""
     path = os.path.join(config.model_dir, "student.keras")
     if os.path.exists(path):
         info = data.load_info(config.dataset, config.data_dir)
         teachers.load_teacher(path, info.image_shape, info.num_classes)
         print(f"student: using {path}")
         return path
-    print(f"student: distilling into {path}")
-    return training.distill(config, strategy)[0]
+    print(f"student: training {path} with {config.method}")
+    return training.train_student(config, config.method, strategy)[0]
 
 
 def _report_is_current(report_path, model_path, attacks, num_examples):

@@ -55,11 +55,19 @@ class Trainer(keras.Model):
         self.eval_attack_steps = int(eval_attack_steps)
         self.eval_step_size = float(eval_step_size)
         self.seed = int(seed)
-        self.eval_batches = self.add_weight(  # seeds the evaluation attack's random start
-            name="eval_batches", shape=(), initializer="zeros", dtype="float32", trainable=False,
-            autocast=False, aggregation="only_first_replica")
+        self.state_names = []
+        self.eval_batches = self.add_state("eval_batches", 0.0)  # seeds the evaluation attack's random start
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.pgd_accuracy = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+
+    def add_state(self, name, value):
+        """A float32 scalar the step updates identically on every replica (checkpointed with the model)."""
+        self.state_names.append(name)
+        return self.add_weight(name=name, shape=(), initializer=keras.initializers.Constant(value), dtype="float32",
+                               trainable=False, autocast=False, aggregation="only_first_replica")
+
+    def state_variables(self):
+        return {name: getattr(self, name) for name in self.state_names}
 
     @property
     def metrics(self):

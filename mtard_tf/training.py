@@ -3,12 +3,12 @@
 import dataclasses
 import json
 import os
+import time
 
 import keras
 import tensorflow as tf
 
-from mtard_tf import data, models, summaries, teachers
-from mtard_tf.distiller import Distiller
+from mtard_tf import baselines, checkpointing, data, models, summaries, teachers
 from mtard_tf.schedules import MilestoneDecay
 
 
@@ -54,6 +54,7 @@ class RunConfig:
     log_every_n_steps: int = 1
     jit_compile: bool | None = None  # None: on for a single GPU only (see use_xla)
     sync_batchnorm: bool = False
+    checkpoint_every_n_steps: int = 0  # 0: at the end of every epoch only
     verbose: int = 1
     # Attack of training (SPEC 1.1) and of the per-epoch validation (PGD-SAT, SPEC 2).
     epsilon: float = 8 / 255
@@ -64,7 +65,9 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     decay: float = 0.1
-    # Distillation (SPEC 1.2-1.5).
+    # The student (SPEC 1.2-1.7): `method` is one of baselines.METHOD_NAMES; `balance` is what `distill` uses
+    # (b_mtard / mtard), kept equal to `method` by the command line when the method is one of those two.
+    method: str = "b_mtard"
     student: str = "resnet18"
     clean_teacher: str = ""
     robust_teacher: str = ""
@@ -78,6 +81,11 @@ class RunConfig:
     temperature_max: float = 10.0
     beta: float = 1.0
     kl_scale: float = 1.0
+    # Baselines (SPEC 1.7; the papers' defaults).
+    ard_temperature: float = 30.0
+    ard_alpha: float = 1.0
+    rslad_adv_weight: float = 5 / 6
+    adaad_alpha: float = 1.0
     # Teachers trained in the app.
     clean_teacher_arch: str = "resnet56"
     robust_teacher_arch: str = "wrn34_10"
@@ -93,16 +101,41 @@ class RunConfig:
 
 
 def fit(trainer, config, work_dir, epochs, steps_per_epoch):
-    """model.fit with the run's data, TensorBoard scalars and epoch backups (resumable) under `work_dir`."""
-    train = data.train_dataset(config.dataset, config.data_dir, config.batch_size, seed=config.seed)
+    """model.fit for `epochs` x `steps_per_epoch` steps, resumable at any step, with everything under `work_dir`.
+
+    Checkpoints (`checkpoints/`, every epoch and every `config.checkpoint_every_n_steps`) hold the model, the
+    optimizer and the trainer's state; the data stream restarts at the restored step, so a resumed run computes what
+    an uninterrupted one does. A resumed partial epoch is finished by its own fit call. TensorBoard scalars go to
+    `tensorboard/`. Returns a keras History with the merged per-epoch logs of this call.
+    """
+    checkpoints = checkpointing.StepCheckpoints(trainer, os.path.join(work_dir, "checkpoints"))
+    step = checkpoints.restore_latest()
+    total = epochs * steps_per_epoch
+    if step:
+        print(f"resuming from step {step} of {total} ({checkpoints.manager.latest_checkpoint})")
     validation = data.eval_dataset(config.dataset, config.data_dir, config.batch_size)
     callbacks = [
+        checkpointing.NonFiniteLossGuard(checkpoints.manager.directory),
         summaries.ScalarSummaries(os.path.join(work_dir, "tensorboard"), config.log_every_n_steps),
-        keras.callbacks.BackupAndRestore(os.path.join(work_dir, "backup"), save_freq="epoch"),
+        checkpointing.CheckpointCallback(checkpoints, config.checkpoint_every_n_steps),
     ]
-    return trainer.fit(train, epochs=epochs, steps_per_epoch=steps_per_epoch, validation_data=validation,
-                       validation_steps=config.validation_steps, callbacks=callbacks, verbose=config.verbose,
-                       shuffle=False)
+    history = keras.callbacks.History()
+    history.history = {}
+    while step < total:
+        epoch, done = divmod(step, steps_per_epoch)
+        train = data.train_dataset(config.dataset, config.data_dir, config.batch_size, seed=config.seed,
+                                   start_step=step)
+        result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
+                             steps_per_epoch=steps_per_epoch - done, validation_data=validation,
+                             validation_steps=config.validation_steps, callbacks=callbacks, verbose=config.verbose,
+                             shuffle=False)
+        for key, values in result.history.items():
+            history.history.setdefault(key, []).extend(values)
+        step = checkpoints.step()
+    if not history.history:  # finished before an interruption: the final validation is re-measured
+        metrics = trainer.evaluate(validation, steps=config.validation_steps, verbose=0, return_dict=True)
+        history.history = {f"val_{name}": [value] for name, value in metrics.items()}
+    return history
 
 
 def _prepare(config, strategy):
@@ -150,29 +183,47 @@ def write_json(path, payload):
     os.replace(temporary, path)
 
 
-def distill(config, strategy=None):
-    """B-MTARD distillation into `<model_dir>/student.keras`; returns (path, history)."""
+def train_student(config, method=None, strategy=None):
+    """Trains the student with `method` (default `config.method`; see baselines.METHODS) into
+    `<model_dir>/student.keras`; returns (path, history).
+
+    Every method gets the same architecture, initialisation (seed), data order, optimizer, schedule (lr x decay at
+    the milestones) and attack budget; it loads only the teachers it uses. `<model_dir>/student.json` holds the last
+    validation accuracies, the method and the training wall time.
+    """
+    method = method or config.method
+    spec = baselines.get_method(method)
     strategy = strategy or make_strategy()
     info, steps_per_epoch = _prepare(config, strategy)
+    teacher_files = {"clean": config.clean_teacher, "robust": config.robust_teacher}
+    for kind in spec.teachers:
+        if not teacher_files[kind]:
+            raise teachers.TeacherError(f"method '{method}' needs a {kind} teacher file (--{kind}_teacher)")
     with strategy.scope():
-        clean_teacher = teachers.load_teacher(config.clean_teacher, info.image_shape, info.num_classes)
-        robust_teacher = teachers.load_teacher(config.robust_teacher, info.image_shape, info.num_classes)
+        frozen = {kind: teachers.load_teacher(teacher_files[kind], info.image_shape, info.num_classes)
+                  for kind in spec.teachers}
         student = models.build_model(config.student, info.num_classes, info.image_shape,
                                      sync_batchnorm=config.sync_batchnorm)
 
         def schedule(value):
             return MilestoneDecay(value, config.milestones, steps_per_epoch, config.decay)
 
-        distiller = Distiller(
-            student, clean_teacher, robust_teacher, balance=config.balance, kl_scale=config.kl_scale,
-            weight_rate=schedule(config.weight_rate), temperature_rate=schedule(config.temperature_rate),
-            temperature_min=config.temperature_min, temperature_max=config.temperature_max, beta=config.beta,
-            eval_attack_steps=config.eval_attack_steps, **_attack_args(config))
-        _compile(distiller, config, strategy, schedule(config.learning_rate))
-    history = fit(distiller, config, config.model_dir, config.epochs, steps_per_epoch)
+        trainer = spec.build(student, frozen, config, schedule, eval_attack_steps=config.eval_attack_steps,
+                             **_attack_args(config))
+        _compile(trainer, config, strategy, schedule(config.learning_rate))
+    start = time.time()
+    history = fit(trainer, config, config.model_dir, config.epochs, steps_per_epoch)
+    seconds = time.time() - start
     path = save_model_atomic(student, os.path.join(config.model_dir, "student.keras"))
-    write_json(os.path.join(config.model_dir, "student.json"), final_metrics(history))
+    write_json(os.path.join(config.model_dir, "student.json"),
+               {**final_metrics(history), "method": method, "train_seconds": round(seconds, 1),
+                "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
     return path, history
+
+
+def distill(config, strategy=None):
+    """B-MTARD (or MTARD, per `config.balance`) distillation into `<model_dir>/student.keras`; (path, history)."""
+    return train_student(config, config.balance, strategy)
 
 
 def teacher_path(model_dir, kind):
@@ -208,7 +259,10 @@ def train_teacher(config, kind, strategy=None):
                                                   eval_attack_steps=config.eval_attack_steps, **_attack_args(config))
         _compile(trainer, config, strategy, learning_rate)
     work_dir = os.path.join(config.model_dir, "teachers", kind)
+    start = time.time()
     history = fit(trainer, config, work_dir, epochs, steps_per_epoch)
+    seconds = time.time() - start
     path = save_model_atomic(model, teacher_path(config.model_dir, kind))
-    write_json(os.path.join(config.model_dir, "teachers", f"{kind}.json"), final_metrics(history))
+    write_json(os.path.join(config.model_dir, "teachers", f"{kind}.json"),
+               {**final_metrics(history), "train_seconds": round(seconds, 1)})
     return path, history

@@ -1,6 +1,8 @@
 """Shared test fixtures: two logical CPU devices, offline mock datasets, tiny models."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -73,3 +75,23 @@ def teacher_files(tmp_path):
         tiny_model(name).save(path)
         paths.append(path)
     return tuple(paths)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs mtard_tf.main under tfds.testing.mock_data; argv[1] is the mock metadata directory.
+MOCK_MAIN = ("import sys, tensorflow_datasets as tfds\n"
+             "from mtard_tf import main\n"
+             f"with tfds.testing.mock_data(num_examples={MOCK_TRAIN_EXAMPLES}, data_dir=sys.argv.pop(1)):\n"
+             "    main.run()\n")
+
+
+def main_command(metadata_dir, *flags):
+    """The command line that runs `python -m mtard_tf.main *flags` on mock data, and its environment."""
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return [sys.executable, "-c", MOCK_MAIN, metadata_dir, *flags], env
+
+
+def run_main(metadata_dir, *flags):
+    """Runs the CLI as users run it, in a subprocess, on offline mock data."""
+    command, env = main_command(metadata_dir, *flags)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -1,27 +1,9 @@
 """The command line, run as users run it: in a subprocess, on offline mock CIFAR."""
 
-import os
-import subprocess
-import sys
-
 import keras
 import pytest
 
-from conftest import MOCK_TRAIN_EXAMPLES, tiny_model
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Runs mtard_tf.main under tfds.testing.mock_data; argv[1] is the mock metadata directory.
-MOCK_MAIN = ("import sys, tensorflow_datasets as tfds\n"
-             "from mtard_tf import main\n"
-             f"with tfds.testing.mock_data(num_examples={MOCK_TRAIN_EXAMPLES}, data_dir=sys.argv.pop(1)):\n"
-             "    main.run()\n")
-
-
-def run_main(metadata_dir, *flags):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, "-c", MOCK_MAIN, metadata_dir, *flags], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
+from conftest import run_main, tiny_model
 
 def test_distill_command_with_two_cpu_replicas(mock_metadata_dir, teacher_files, tmp_path):
     model_dir = tmp_path / "run"

@@ -1,0 +1,204 @@
+"""Every way to train the student (SPEC 1.7): the `--method` registry, and the single-teacher distillation baselines.
+
+| method  | trainer                                   | teachers       |
+|---------|-------------------------------------------|----------------|
+| natural | teachers.NaturalTrainer                   |                |
+| sat     | teachers.AdversarialTrainer(pgd_at)       |                |
+| trades  | teachers.AdversarialTrainer(trades)       |                |
+| ard     | ARDTrainer (below)                        | robust         |
+| rslad   | RSLADTrainer (below)                      | robust         |
+| adaad   | AdaADTrainer (below)                      | robust         |
+| mtard   | distiller.Distiller(balance="mtard")      | clean, robust  |
+| b_mtard | distiller.Distiller(balance="b_mtard")    | clean, robust  |
+
+Every trainer shares trainer.Trainer's attack (PGD in the eps-ball, replica-independent random starts), its
+replica-correct SGD step and its validation; only the loss and the attack objective differ. The three baselines
+below follow their authors' PyTorch code where the papers leave a choice open:
+
+- ARD (Goldblum et al., AAAI 2020; github goldblum/AdversariallyRobustDistillation): x' = PGD on the student's CE
+  from a uniform random start in the eps-ball; loss alpha * tau^2 * KL(T(x)/tau || S(x')/tau) + (1 - alpha) * CE(S(x))
+  with `nn.KLDivLoss()`'s reduction, a mean over batch x classes (KL / C); teacher on the *clean* image; both student
+  passes in training mode, S(x') first. Deviation: the reference attacks the student in training mode (BatchNorm on
+  batch statistics); here, as in every other method, the attack runs in inference mode.
+- RSLAD (Zi et al., ICCV 2021; github zibojia/RSLAD): x' maximises KL(T(x) || S(x')) (student in inference mode)
+  from x + 0.001 N(0, I); loss w * l(S(x'), T(x)) + (1 - w) * l(S(x), T(x)) with the reference's
+  l = mean over batch x classes of p (log(p + 1e-5) - log softmax(z)), i.e. losses.distillation_kl, w = 5/6.
+- AdaAD (Huang et al., NeurIPS 2022; github boyellow/AdaAD): x' maximises KL(T(x') || S(x')) through both networks
+  (both in inference mode) from x + 0.001 N(0, I); loss alpha * KL(T(x') || S(x')) + (1 - alpha) * KL(T(x) || S(x)),
+  reduced as the CIFAR-10 reference (KL / C); student passes in training mode, S(x) first.
+
+`kl_scale` (10 in the CIFAR-100 preset) multiplies the KL / C terms of RSLAD and AdaAD as it does B-MTARD's (the
+RSLAD and MTARD code multiply by 10 on CIFAR-100; AdaAD's code sums over the classes there, a factor C).
+"""
+
+import dataclasses
+from typing import Callable
+
+import tensorflow as tf
+
+from mtard_tf import attacks, losses, teachers
+from mtard_tf.distiller import Distiller
+from mtard_tf.trainer import Trainer, global_mean, symmetric_uniform
+
+
+class _SingleTeacherTrainer(Trainer):
+    """A student distilled from one frozen (robust) teacher."""
+
+    def __init__(self, student, teacher, **kwargs):
+        super().__init__(student, **kwargs)
+        self.teacher = teacher
+        teacher.trainable = False
+
+    @property
+    def student(self):
+        return self.model
+
+
+class ARDTrainer(_SingleTeacherTrainer):
+    """Adversarially Robust Distillation: the teacher's clean soft labels at temperature tau, on the student's PGD."""
+
+    def __init__(self, student, teacher, *, temperature=30.0, alpha=1.0, **kwargs):
+        super().__init__(student, teacher, **kwargs)
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        learning_rate = self.current_learning_rate()
+        start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
+        images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
+        teacher_logits = self.teacher(images, training=False)
+        with tf.GradientTape() as tape:
+            kl = losses.class_mean_kl_divergence(teacher_logits, self.student(images_adv, training=True),
+                                                 self.temperature)
+            cross_entropy = losses.cross_entropy(labels, self.student(images, training=True))
+            per_example = self.alpha * self.temperature ** 2 * kl + (1.0 - self.alpha) * cross_entropy
+        self.minimize(tape, per_example)
+        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl)),
+                "cross_entropy": global_mean(tf.stop_gradient(cross_entropy)), "learning_rate": learning_rate}
+
+
+class RSLADTrainer(_SingleTeacherTrainer):
+    """Robust Soft Label Adversarial Distillation: the teacher's clean soft labels on both x' and x."""
+
+    def __init__(self, student, teacher, *, adv_weight=5 / 6, kl_scale=1.0, **kwargs):
+        super().__init__(student, teacher, **kwargs)
+        self.adv_weight = float(adv_weight)
+        self.kl_scale = float(kl_scale)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        learning_rate = self.current_learning_rate()
+        teacher_logits = self.teacher(images, training=False)
+        images_adv = self.attack(
+            lambda x: losses.kl_divergence(teacher_logits, self.student(x, training=False)), images,
+            attacks.normal_start(images, self.attack_noise(images)))
+        soft_labels = losses.teacher_probabilities(teacher_logits)
+        with tf.GradientTape() as tape:
+            kl_adv = losses.distillation_kl(self.student(images_adv, training=True), soft_labels)
+            kl_nat = losses.distillation_kl(self.student(images, training=True), soft_labels)
+            per_example = self.kl_scale * (self.adv_weight * kl_adv + (1.0 - self.adv_weight) * kl_nat)
+        self.minimize(tape, per_example)
+        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl_adv)),
+                "kl_nat": global_mean(tf.stop_gradient(kl_nat)), "learning_rate": learning_rate}
+
+
+class AdaADTrainer(_SingleTeacherTrainer):
+    """Adaptive Adversarial Distillation: x' is where teacher and student disagree most; match the teacher there."""
+
+    def __init__(self, student, teacher, *, alpha=1.0, kl_scale=1.0, **kwargs):
+        super().__init__(student, teacher, **kwargs)
+        self.alpha = float(alpha)
+        self.kl_scale = float(kl_scale)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        learning_rate = self.current_learning_rate()
+        images_adv = self.attack(
+            lambda x: losses.kl_divergence(self.teacher(x, training=False), self.student(x, training=False)),
+            images, attacks.normal_start(images, self.attack_noise(images)))
+        teacher_nat = self.teacher(images, training=False)
+        teacher_adv = self.teacher(images_adv, training=False)
+        with tf.GradientTape() as tape:
+            kl_nat = losses.class_mean_kl_divergence(teacher_nat, self.student(images, training=True))
+            kl_adv = losses.class_mean_kl_divergence(teacher_adv, self.student(images_adv, training=True))
+            per_example = self.kl_scale * (self.alpha * kl_adv + (1.0 - self.alpha) * kl_nat)
+        self.minimize(tape, per_example)
+        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl_adv)),
+                "kl_nat": global_mean(tf.stop_gradient(kl_nat)), "learning_rate": learning_rate}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The registry: method name -> how to build its trainer for a student.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A student training method.
+
+    build(student, teachers, config, schedule, **common) -> Trainer, where `teachers` maps "clean" / "robust" to the
+    loaded frozen teachers this method names in `teachers`, `config` is a training.RunConfig, `schedule(value)` makes
+    the run's milestone schedule of a rate, and `common` holds the Trainer arguments shared by all methods (attack,
+    weight decay, validation, seed).
+    """
+    display_name: str
+    teachers: tuple
+    build: Callable
+
+
+def _natural(student, teachers_, config, schedule, **common):
+    return teachers.NaturalTrainer(student, **common)
+
+
+def _adversarial(robust_method):
+    def build(student, teachers_, config, schedule, **common):
+        return teachers.AdversarialTrainer(student, method=robust_method, trades_beta=config.trades_beta, **common)
+    return build
+
+
+def _ard(student, teachers_, config, schedule, **common):
+    return ARDTrainer(student, teachers_["robust"], temperature=config.ard_temperature, alpha=config.ard_alpha,
+                      **common)
+
+
+def _rslad(student, teachers_, config, schedule, **common):
+    return RSLADTrainer(student, teachers_["robust"], adv_weight=config.rslad_adv_weight, kl_scale=config.kl_scale,
+                        **common)
+
+
+def _adaad(student, teachers_, config, schedule, **common):
+    return AdaADTrainer(student, teachers_["robust"], alpha=config.adaad_alpha, kl_scale=config.kl_scale, **common)
+
+
+def _distiller(balance):
+    def build(student, teachers_, config, schedule, **common):
+        return Distiller(student, teachers_["clean"], teachers_["robust"], balance=balance, kl_scale=config.kl_scale,
+                         weight_rate=schedule(config.weight_rate), temperature_rate=schedule(config.temperature_rate),
+                         temperature_min=config.temperature_min, temperature_max=config.temperature_max,
+                         beta=config.beta, **common)
+    return build
+
+
+# In the order of the paper's tables (B-MTARD last).
+METHODS = {
+    "natural": Method("Natural", (), _natural),
+    "sat": Method("SAT", (), _adversarial("pgd_at")),
+    "trades": Method("TRADES", (), _adversarial("trades")),
+    "ard": Method("ARD", ("robust",), _ard),
+    "rslad": Method("RSLAD", ("robust",), _rslad),
+    "adaad": Method("AdaAD", ("robust",), _adaad),
+    "mtard": Method("MTARD", ("clean", "robust"), _distiller("mtard")),
+    "b_mtard": Method("B-MTARD", ("clean", "robust"), _distiller("b_mtard")),
+}
+METHOD_NAMES = tuple(METHODS)
+
+
+def get_method(name):
+    """The registered Method called `name`; ValueError naming the choices otherwise."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method '{name}', expected one of {', '.join(METHOD_NAMES)}")
+    return METHODS[name]

@@ -1,0 +1,93 @@
+"""Interruption-safe training: step checkpoints of everything a run needs to continue exactly, and a guard that
+stops on a non-finite loss without overwriting the last good checkpoint.
+
+A checkpoint holds the trained model, the optimizer (step counter, momentum) and the trainer's own state variables
+(the balancing state tau_a, tau_n, w_adv, w_nat, L(0) of B-MTARD, the evaluation-noise counter). The data position
+is the optimizer step: the training stream of data.train_dataset is a function of (seed, step). TensorFlow writes
+checkpoint files under temporary names and updates the `checkpoint` index atomically, so a crash while saving leaves
+the previous checkpoint usable.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+def trainer_checkpoint(trainer):
+    """tf.train.Checkpoint of the trained model, the optimizer and the trainer's non-trainable state."""
+    return tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer, state=trainer.state_variables())
+
+
+class StepCheckpoints:
+    """Keeps the last `max_to_keep` checkpoints of a trainer in `directory`, numbered by optimizer step."""
+
+    def __init__(self, trainer, directory, max_to_keep=2):
+        self.trainer = trainer
+        self.checkpoint = trainer_checkpoint(trainer)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+
+    def step(self):
+        return int(self.trainer.optimizer.iterations.numpy())
+
+    def save(self):
+        """Saves at the current step unless that step is saved already; returns the path."""
+        step = self.step()
+        if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
+            return self.manager.latest_checkpoint
+        return self.manager.save(checkpoint_number=step)
+
+    def restore_latest(self):
+        """Restores the newest checkpoint, if any; returns the step it was taken at (0 without one)."""
+        if self.manager.latest_checkpoint is None:
+            return 0
+        try:
+            with self.trainer.distribute_strategy.scope():
+                if not self.trainer.optimizer.built:
+                    self.trainer.optimizer.build(self.trainer.model.trainable_variables)
+                self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ValueError(f"checkpoint {self.manager.latest_checkpoint} does not fit this run (another "
+                             f"architecture or method?): use another --model_dir or delete "
+                             f"{self.manager.directory}. Details: {str(error).splitlines()[0]}") from error
+        return self.step()
+
+
+class CheckpointCallback(keras.callbacks.Callback):
+    """Saves every `every_n_steps` optimizer steps (if > 0) and at the end of every epoch."""
+
+    def __init__(self, checkpoints, every_n_steps=0):
+        super().__init__()
+        self.checkpoints = checkpoints
+        self.every_n_steps = int(every_n_steps or 0)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.every_n_steps and self.checkpoints.step() % self.every_n_steps == 0:
+            self.checkpoints.save()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.checkpoints.save()
+
+
+class NonFiniteLossGuard(keras.callbacks.Callback):
+    """Raises NonFiniteLossError at the first step whose loss is NaN or infinite.
+
+    Raising (rather than keras.callbacks.TerminateOnNaN's stop_training) ends fit before any epoch-end callback
+    could checkpoint the broken weights, so the last checkpoint stays the last good one. Keep it first in the list.
+    """
+
+    def __init__(self, checkpoint_directory):
+        super().__init__()
+        self.checkpoint_directory = checkpoint_directory
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            step = int(self.model.optimizer.iterations.numpy())
+            raise NonFiniteLossError(
+                f"the training loss became {loss} at step {step}; training stopped. The last good checkpoint is in "
+                f"{self.checkpoint_directory} (lower --learning_rate or check the data and teachers, then re-run)")

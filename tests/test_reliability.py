@@ -1,0 +1,134 @@
+"""Reliability: exact resume after SIGKILL, determinism, the non-finite-loss guard, clear errors on bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import ROOT, main_command, run_main, tiny_model
+from mtard_tf import data
+
+DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=2",
+           "--steps_per_epoch=4", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
+           "--eval_attack_steps=1", "--checkpoint_every_n_steps=1", "--weight_rate=0.3", "--temperature_rate=0.05"]
+
+
+def test_train_stream_resumes_at_any_step(mock_cifar):
+    full = iter(data.train_dataset("cifar10", None, 8, seed=5))
+    batches = [next(full) for _ in range(20)]  # 2.5 epochs of the 64 mock examples
+    for start in (3, 8, 13):
+        resumed = iter(data.train_dataset("cifar10", None, 8, seed=5, start_step=start))
+        for k in range(start, 20):
+            images, labels = next(resumed)
+            np.testing.assert_array_equal(images.numpy(), batches[k][0].numpy())
+            np.testing.assert_array_equal(labels.numpy(), batches[k][1].numpy())
+    other_seed = next(iter(data.train_dataset("cifar10", None, 8, seed=6)))
+    assert not np.array_equal(other_seed[0].numpy(), batches[0][0].numpy())
+
+
+def test_augmentation_stays_a_shifted_flipped_copy():
+    image = tf.random.uniform((32, 32, 3), 0.1, 1.0)
+    out = data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy()
+    padded = np.pad(image.numpy(), ((4, 4), (4, 4), (0, 0)))
+    windows = [padded[i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
+    assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
+    np.testing.assert_array_equal(out, data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy())
+
+
+def final_state(model_dir):
+    with open(os.path.join(model_dir, "student.json")) as f:
+        state = json.load(f)["state"]
+    weights = keras.models.load_model(os.path.join(model_dir, "student.keras")).get_weights()
+    return state, weights
+
+
+def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(mock_metadata_dir, teacher_files, tmp_path):
+    teachers = [f"--clean_teacher={teacher_files[0]}", f"--robust_teacher={teacher_files[1]}"]
+    reference_dir = str(tmp_path / "reference")
+    result = run_main(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={reference_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    model_dir = str(tmp_path / "interrupted")
+    command, env = main_command(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={model_dir}")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    index = os.path.join(model_dir, "checkpoints", "checkpoint")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if os.path.exists(index) and "ckpt-3" in open(index).read():
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not os.path.exists(os.path.join(model_dir, "student.keras"))
+
+    result = run_main(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from step" in result.stdout
+    state, weights = final_state(model_dir)
+    reference_state, reference_weights = final_state(reference_dir)
+    assert state == pytest.approx(reference_state, rel=1e-5)
+    for a, b in zip(weights, reference_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def step_logs(model_dir):
+    events = EventAccumulator(os.path.join(model_dir, "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    return {tag: [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors(tag)]
+            for tag in events.Tags()["tensors"]}
+
+
+def test_same_seed_gives_identical_step_logs(mock_metadata_dir, teacher_files, tmp_path):
+    logs = []
+    for run in ("a", "b"):
+        result = run_main(mock_metadata_dir, *DISTILL, "--epochs=1", f"--clean_teacher={teacher_files[0]}",
+                          f"--robust_teacher={teacher_files[1]}", f"--model_dir={tmp_path / run}")
+        assert result.returncode == 0, result.stderr[-3000:]
+        logs.append(step_logs(str(tmp_path / run)))
+    assert logs[0]["loss"] and logs[0] == logs[1]
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(mock_metadata_dir, teacher_files, tmp_path):
+    model_dir = str(tmp_path / "run")
+    base = [*DISTILL, "--epochs=1", f"--robust_teacher={teacher_files[1]}", f"--model_dir={model_dir}"]
+    assert run_main(mock_metadata_dir, *base, f"--clean_teacher={teacher_files[0]}").returncode == 0
+    os.remove(os.path.join(model_dir, "student.keras"))
+    broken = tiny_model("broken")
+    broken.set_weights([np.full_like(w, np.nan) for w in broken.get_weights()])
+    broken_path = str(tmp_path / "broken.keras")
+    broken.save(broken_path)
+    result = run_main(mock_metadata_dir, *base, "--epochs=2", f"--clean_teacher={broken_path}")
+    assert result.returncode != 0
+    assert "the training loss became nan at step 5" in result.stderr
+    assert "Traceback" not in result.stderr
+    with open(os.path.join(model_dir, "checkpoints", "checkpoint")) as f:
+        assert 'model_checkpoint_path: "ckpt-4"' in f.read()
+    assert not os.path.exists(os.path.join(model_dir, "student.keras"))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--mode=nonsense"], "--mode"),
+    (["--attack_step_size=0"], "--attack_step_size must be in (0, 1]"),
+    (["--method=nonsense"], "--method"),
+])
+def test_more_bad_flags(mock_metadata_dir, tmp_path, flags, message):
+    result = run_main(mock_metadata_dir, f"--model_dir={tmp_path}", *flags)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_model_dir_is_a_clear_error(mock_metadata_dir, teacher_files, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_main(mock_metadata_dir, *DISTILL, f"--clean_teacher={teacher_files[0]}",
+                      f"--robust_teacher={teacher_files[1]}", f"--model_dir={blocker / 'run'}")
+    assert result.returncode != 0
+    assert f"cannot write to --model_dir={blocker / 'run'}" in result.stderr
+    assert "Traceback" not in result.stderr
