@@ -139,31 +139,40 @@ def _positive_int(value, what):
 # ResNet-18 (kuangliu/pytorch-cifar)
 
 
-def _resnet18(name, num_classes, input_shape, sync_batchnorm, width=64, blocks=2, normalize=None):
-    width = _positive_int(width, "width")
-    blocks = _positive_int(blocks, "blocks")
+def _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks, multipliers,
+                        shortcut, head):
+    """Post-activation BasicBlock ResNet: 3x3 stem, stages of width w * multiplier (stride 1 then 2), 1x1 conv + BN
+    shortcut where the shape changes (named `shortcut` in kuangliu's ResNet-18, `downsample` in chenyaofo's CIFAR
+    ResNets), global average pool and the `head` Dense."""
     b = _Builder(sync_batchnorm)
     inputs, x = _inputs(input_shape, normalize)
     x = b.conv(x, "conv1", width, 3)
     x = b.relu(b.bn(x, "bn1"), "relu")
     in_planes = width
-    for stage, (multiplier, first_stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
+    for stage, multiplier in enumerate(multipliers, start=1):
         planes = width * multiplier
         for index in range(blocks):
-            stride = first_stride if index == 0 else 1
+            stride = 2 if index == 0 and stage > 1 else 1
             p = f"layer{stage}.{index}"
             out = b.conv(x, p + ".conv1", planes, 3, stride)
             out = b.relu(b.bn(out, p + ".bn1"), p + ".relu1")
             out = b.conv(out, p + ".conv2", planes, 3)
             out = b.bn(out, p + ".bn2")
-            shortcut = x
+            identity = x
             if stride != 1 or in_planes != planes:
-                shortcut = b.conv(x, p + ".shortcut.0", planes, 1, stride)
-                shortcut = b.bn(shortcut, p + ".shortcut.1")
-            x = b.relu(b.add(out, shortcut, p + ".add"), p + ".relu2")
+                identity = b.conv(x, f"{p}.{shortcut}.0", planes, 1, stride)
+                identity = b.bn(identity, f"{p}.{shortcut}.1")
+            x = b.relu(b.add(out, identity, p + ".add"), p + ".relu2")
             in_planes = planes
-    outputs = b.head(x, "linear", num_classes)
+    outputs = b.head(x, head, num_classes)
     return keras.Model(inputs, outputs, name=name)
+
+
+def _resnet18(name, num_classes, input_shape, sync_batchnorm, width=64, blocks=2, normalize=None):
+    width = _positive_int(width, "width")
+    blocks = _positive_int(blocks, "blocks")
+    return _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks,
+                               multipliers=(1, 2, 4, 8), shortcut="shortcut", head="linear")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,28 +185,8 @@ def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, widt
     if depth < 8 or (depth - 2) % 6:
         raise ValueError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...), got {depth}")
     blocks = (depth - 2) // 6
-    b = _Builder(sync_batchnorm)
-    inputs, x = _inputs(input_shape, normalize)
-    x = b.conv(x, "conv1", width, 3)
-    x = b.relu(b.bn(x, "bn1"), "relu")
-    in_planes = width
-    for stage, (multiplier, first_stride) in enumerate(zip((1, 2, 4), (1, 2, 2)), start=1):
-        planes = width * multiplier
-        for index in range(blocks):
-            stride = first_stride if index == 0 else 1
-            p = f"layer{stage}.{index}"
-            out = b.conv(x, p + ".conv1", planes, 3, stride)
-            out = b.relu(b.bn(out, p + ".bn1"), p + ".relu1")
-            out = b.conv(out, p + ".conv2", planes, 3)
-            out = b.bn(out, p + ".bn2")
-            identity = x
-            if stride != 1 or in_planes != planes:
-                identity = b.conv(x, p + ".downsample.0", planes, 1, stride)
-                identity = b.bn(identity, p + ".downsample.1")
-            x = b.relu(b.add(out, identity, p + ".add"), p + ".relu2")
-            in_planes = planes
-    outputs = b.head(x, "fc", num_classes)
-    return keras.Model(inputs, outputs, name=name)
+    return _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks,
+                               multipliers=(1, 2, 4), shortcut="downsample", head="fc")
 
 
 # ---------------------------------------------------------------------------------------------------------------

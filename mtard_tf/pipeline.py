@@ -1,7 +1,7 @@
 """The whole job (`--mode=all`): teachers, distillation, evaluation, export, each stage resumable.
 
 A stage whose output exists and is valid is skipped, so re-running the same command after an interruption
-continues where it stopped; inside a training stage, Keras' BackupAndRestore resumes from the last epoch.
+continues where it stopped; inside a training stage, training resumes from its last step checkpoint.
 """
 
 import dataclasses

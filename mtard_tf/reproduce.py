@@ -9,8 +9,8 @@ initialisation, epochs, schedule, seed and data order, evaluates teachers and st
     tradeoff.png     clean accuracy against AutoAttack accuracy, one labelled point per model
 
 Layout: `<model_dir>/teachers/{clean,robust}.keras` and `<model_dir>/eval/{clean,robust}_teacher/` (shared with
---mode=all), `<model_dir>/students/<method>/` (student.keras, eval/, tensorboard/, backup/). Every stage whose
-output exists and is valid is reused, and an interrupted training resumes from its last epoch, so re-running the
+--mode=all), `<model_dir>/students/<method>/` (student.keras, eval/, tensorboard/, checkpoints/). Every stage whose
+output exists and is valid is reused, and an interrupted training resumes from its last checkpoint, so re-running the
 command continues where it stopped. Every flag of mtard_tf.main applies (`--method` is replaced by `--methods`).
 """
 
