@@ -158,23 +158,8 @@ def _write_warmup(path, model_name, height, width, examples):
             writer.write(log.SerializeToString())
 
 
-def _fsync_tree(root):
-    """Best effort: flush the files of `root` to disk before they become visible under their final name."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            try:
-                fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-
-
-def _fsync_dir(path):
+def _fsync_path(path):
+    """Best effort: flush one file or directory to disk."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -185,6 +170,13 @@ def _fsync_dir(path):
         pass
     finally:
         os.close(fd)
+
+
+def _fsync_tree(root):
+    """Best effort: flush the files of `root` to disk before they become visible under their final name."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            _fsync_path(os.path.join(dirpath, name))
 
 
 def export_model(model: keras.Model, export_dir: str, model_name: str, class_names: list,
@@ -256,7 +248,7 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    _fsync_dir(model_dir)
+    _fsync_path(model_dir)
     logging.info("Exported %s version %d to %s", model_name, version, final_dir)
     write_models_config(export_dir)
     return final_dir
