@@ -38,7 +38,7 @@ import tensorflow as tf
 
 from mtard_tf import attacks, losses, teachers
 from mtard_tf.distiller import Distiller
-from mtard_tf.trainer import Trainer, global_mean, symmetric_uniform
+from mtard_tf.trainer import Trainer, symmetric_uniform
 
 
 class _SingleTeacherTrainer(Trainer):
@@ -75,8 +75,7 @@ class ARDTrainer(_SingleTeacherTrainer):
             cross_entropy = losses.cross_entropy(labels, self.student(images, training=True))
             per_example = self.alpha * self.temperature ** 2 * kl + (1.0 - self.alpha) * cross_entropy
         self.minimize(tape, per_example)
-        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl)),
-                "cross_entropy": global_mean(tf.stop_gradient(cross_entropy)), "learning_rate": learning_rate}
+        return self.step_logs(learning_rate, loss=per_example, kl_adv=kl, cross_entropy=cross_entropy)
 
 
 class RSLADTrainer(_SingleTeacherTrainer):
@@ -101,8 +100,7 @@ class RSLADTrainer(_SingleTeacherTrainer):
             kl_nat = losses.distillation_kl(self.student(images, training=True), soft_labels)
             per_example = self.kl_scale * (self.adv_weight * kl_adv + (1.0 - self.adv_weight) * kl_nat)
         self.minimize(tape, per_example)
-        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl_adv)),
-                "kl_nat": global_mean(tf.stop_gradient(kl_nat)), "learning_rate": learning_rate}
+        return self.step_logs(learning_rate, loss=per_example, kl_adv=kl_adv, kl_nat=kl_nat)
 
 
 class AdaADTrainer(_SingleTeacherTrainer):
@@ -127,8 +125,7 @@ class AdaADTrainer(_SingleTeacherTrainer):
             kl_adv = losses.class_mean_kl_divergence(teacher_adv, self.student(images_adv, training=True))
             per_example = self.kl_scale * (self.alpha * kl_adv + (1.0 - self.alpha) * kl_nat)
         self.minimize(tape, per_example)
-        return {"loss": global_mean(tf.stop_gradient(per_example)), "kl_adv": global_mean(tf.stop_gradient(kl_adv)),
-                "kl_nat": global_mean(tf.stop_gradient(kl_nat)), "learning_rate": learning_rate}
+        return self.step_logs(learning_rate, loss=per_example, kl_adv=kl_adv, kl_nat=kl_nat)
 
 
 # ---------------------------------------------------------------------------------------------------------------

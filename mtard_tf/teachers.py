@@ -10,7 +10,7 @@ import keras
 import tensorflow as tf
 
 from mtard_tf import attacks, losses
-from mtard_tf.trainer import Trainer, global_mean, symmetric_uniform
+from mtard_tf.trainer import Trainer, symmetric_uniform
 
 
 class TeacherError(ValueError):
@@ -55,7 +55,7 @@ class NaturalTrainer(Trainer):
         with tf.GradientTape() as tape:
             per_example = losses.cross_entropy(labels, self.model(images, training=True))
         self.minimize(tape, per_example)
-        return {"loss": global_mean(tf.stop_gradient(per_example)), "learning_rate": learning_rate}
+        return self.step_logs(learning_rate, loss=per_example)
 
 
 class AdversarialTrainer(Trainer):
@@ -84,7 +84,7 @@ class AdversarialTrainer(Trainer):
             with tf.GradientTape() as tape:
                 per_example = losses.cross_entropy(labels, self.model(images_adv, training=True))
             self.minimize(tape, per_example)
-            return {"loss": global_mean(tf.stop_gradient(per_example)), "learning_rate": learning_rate}
+            return self.step_logs(learning_rate, loss=per_example)
 
         clean_logits = tf.stop_gradient(self.model(images, training=False))
         images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.model(x, training=False)),
@@ -95,5 +95,4 @@ class AdversarialTrainer(Trainer):
             robust = losses.kl_divergence(logits, self.model(images_adv, training=True))
             per_example = natural + self.trades_beta * robust
         self.minimize(tape, per_example)
-        return {"loss": global_mean(tf.stop_gradient(per_example)), "cross_entropy": global_mean(natural),
-                "kl_robust": global_mean(robust), "learning_rate": learning_rate}
+        return self.step_logs(learning_rate, loss=per_example, cross_entropy=natural, kl_robust=robust)

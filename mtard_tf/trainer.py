@@ -110,6 +110,13 @@ class Trainer(keras.Model):
     def current_learning_rate(self):
         return tf.cast(self.optimizer.learning_rate, tf.float32)
 
+    @staticmethod
+    def step_logs(learning_rate, **per_example_terms):
+        """A train_step's logs: the global-batch mean of each per-example term, and the step's learning rate."""
+        logs = {name: global_mean(tf.stop_gradient(term)) for name, term in per_example_terms.items()}
+        logs["learning_rate"] = learning_rate
+        return logs
+
     def test_step(self, data):
         """Clean accuracy, and PGD-SAT accuracy (uniform start, step 2/255, CE; SPEC 2) when eval_attack_steps > 0."""
         images, labels = data
