@@ -91,14 +91,18 @@ def _prepare(x, y):
 
 
 def _gradient(model, x, loss_fn):
-    """logits, per-example loss and d sum(loss) / dx (zeros where the loss does not depend on x)."""
+    """logits, per-example loss and d sum(loss) / dx (zeros where the loss does not depend on x).
+
+    The backward pass runs on the loss times attacks_lib.GRADIENT_SCALE (divided out after, exactly in float32), so a
+    float16 model's small gradients do not underflow.
+    """
     with tf.GradientTape() as tape:
         tape.watch(x)
         logits = logits_of(model, x)
         loss = loss_fn(logits)
-        total = tf.reduce_sum(loss)
+        total = tf.reduce_sum(loss) * attacks_lib.GRADIENT_SCALE
     grad = tape.gradient(total, x, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-    return logits, loss, grad
+    return logits, loss, grad / attacks_lib.GRADIENT_SCALE
 
 
 def _predict_fn(model, image_shape):

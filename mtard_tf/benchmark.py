@@ -91,6 +91,7 @@ def measure(jit_compile, strategy, matmul_rate):
     """Times full steps through Distiller.train_step and each of its parts; returns the JSON record."""
     import numpy as np
     import tensorflow as tf
+    from mtard_tf import attacks
     distiller = build(jit_compile, strategy)
     batch = FLAGS.batch_size
     rng = np.random.default_rng(0)
@@ -141,6 +142,9 @@ def measure(jit_compile, strategy, matmul_rate):
         "achieved_flops_per_s": round(achieved),
         "matmul_flops_per_s": round(matmul_rate),
         "matmul_fraction": round(achieved / matmul_rate, 4),
+        # The attack-stall check (attacks.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
+        "attack_zero_gradient_fraction": round(float(attacks.zero_gradient_fraction(
+            distiller.cross_entropy_objective(labels), images)), 6),
     }
 
 

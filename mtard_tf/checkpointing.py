@@ -24,12 +24,22 @@ def trainer_checkpoint(trainer):
 
 
 class StepCheckpoints:
-    """Keeps the last `max_to_keep` checkpoints of a trainer in `directory`, numbered by optimizer step."""
+    """Keeps the last `max_to_keep` checkpoints of a trainer in `directory`, numbered by optimizer step.
 
-    def __init__(self, trainer, directory, max_to_keep=2):
+    `write_directory` (default `directory`) is where this process saves: a non-chief worker of a multi-worker run
+    saves into its own scratch directory and restores, like every worker, from the chief's `directory`.
+    """
+
+    def __init__(self, trainer, directory, write_directory=None, max_to_keep=2):
         self.trainer = trainer
+        self.directory = directory
         self.checkpoint = trainer_checkpoint(trainer)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=max_to_keep)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, write_directory or directory,
+                                                  max_to_keep=max_to_keep)
+
+    def latest(self):
+        """The newest checkpoint in `directory` (None without one)."""
+        return tf.train.latest_checkpoint(self.directory)
 
     def step(self):
         return int(self.trainer.optimizer.iterations.numpy())
@@ -43,17 +53,18 @@ class StepCheckpoints:
 
     def restore_latest(self):
         """Restores the newest checkpoint, if any; returns the step it was taken at (0 without one)."""
-        if self.manager.latest_checkpoint is None:
+        latest = self.latest()
+        if latest is None:
             return 0
         try:
             with self.trainer.distribute_strategy.scope():
                 if not self.trainer.optimizer.built:
                     self.trainer.optimizer.build(self.trainer.model.trainable_variables)
-                self.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+                self.checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ValueError(f"checkpoint {self.manager.latest_checkpoint} does not fit this run (another "
-                             f"architecture or method?): use another --model_dir or delete "
-                             f"{self.manager.directory}. Details: {str(error).splitlines()[0]}") from error
+            raise ValueError(f"checkpoint {latest} does not fit this run (another architecture or method?): use "
+                             f"another --model_dir or delete {self.directory}. Details: "
+                             f"{str(error).splitlines()[0]}") from error
         return self.step()
 
 

@@ -117,7 +117,15 @@ def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0
 
     dataset = tf.data.Dataset.range(start_step * batch_size, tf.int64.max)
     dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def _shard_by_data(dataset):
+    """Multi-worker sharding by element: each worker builds the global batch and keeps its replicas' part, in order,
+    so the global batch is the one of a single worker (file sharding would give the workers different streams)."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def eval_dataset(name, data_dir, batch_size, num_examples=None):
@@ -126,4 +134,5 @@ def eval_dataset(name, data_dir, batch_size, num_examples=None):
     dataset = _load_split(name, info.test_split, data_dir)
     if num_examples is not None:
         dataset = dataset.take(num_examples)
-    return dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE)
+    return _shard_by_data(
+        dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE))

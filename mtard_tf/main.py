@@ -24,6 +24,16 @@ flags.DEFINE_string("model_dir", "runs/cifar10", "Where checkpoints, TensorBoard
 flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, augmentation, attack noise).")
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (multi-replica development).",
                      lower_bound=1)
+flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
+                  "mirrored: MirroredStrategy over this machine's GPUs (else its CPU); multi_worker: "
+                  "MultiWorkerMirroredStrategy over the workers in the TF_CONFIG environment variable (start the "
+                  "same command on every worker; --model_dir on storage all of them see).")
+flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                  "Keras dtype policy of the models built here: mixed_* computes in 16 bits on GPUs/TPUs; "
+                  "logits, losses, softmax, entropy and the balancing state stay float32.")
+flags.register_multi_flags_validator(
+    ["strategy", "cpu_replicas"], lambda f: f["strategy"] == "mirrored" or f["cpu_replicas"] == 1,
+    "--cpu_replicas applies to --strategy=mirrored only (a multi-worker run has one CPU replica per worker)")
 
 # Models.
 flags.DEFINE_string("student", "resnet18", "Student architecture: NAME or NAME:key=value,... (see models.py).")
@@ -173,9 +183,10 @@ def export_config():
 
 def make_strategy():
     from mtard_tf import training
-    strategy = training.make_strategy()
+    strategy = training.make_strategy(FLAGS.strategy)
     devices = ", ".join(strategy.extended.worker_devices)
-    print(f"MirroredStrategy: {strategy.num_replicas_in_sync} replica(s) on {devices}")
+    print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) in all; this process: {devices}"
+          f"{'' if training.is_chief(strategy) else ' (non-chief worker)'}")
     return strategy
 
 
@@ -212,6 +223,8 @@ def run_guarded(argv, body):
         logging.set_verbosity(logging.WARNING)  # library INFO logs (tfds) drown the progress bar
     from mtard_tf import training  # imports TensorFlow; devices are configured right after
     training.set_cpu_replicas(FLAGS.cpu_replicas)
+    import keras
+    keras.mixed_precision.set_global_policy(FLAGS.precision)  # before any model is built
     from mtard_tf.checkpointing import NonFiniteLossError
     from mtard_tf.data import DataUnavailableError
     from mtard_tf.teachers import TeacherError

@@ -137,12 +137,19 @@ class StageTimer:
 
 
 def run_all(config, eval_config, export_config, strategy):
-    """Teachers -> student -> evaluation -> export; prints and returns a summary."""
+    """Teachers -> student -> evaluation -> export; prints and returns a summary.
+
+    On a multi-worker run every worker trains; the chief alone then evaluates and exports.
+    """
     timed = StageTimer()
     clean_path = timed("clean teacher", teacher_stage, config, "clean", strategy)
     robust_path = timed("robust teacher", teacher_stage, config, "robust", strategy)
     config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
     student_path = timed("student", student_stage, config, strategy)
+    if not training.is_chief(strategy):
+        print(f"non-chief worker: training done; the chief evaluates and exports {student_path}")
+        return {"clean_teacher": clean_path, "robust_teacher": robust_path, "student": student_path,
+                "seconds": timed.seconds}
     eval_dir = os.path.join(config.model_dir, "eval")
     reports = {
         "clean teacher": (clean_path, timed("evaluate clean teacher", evaluate_stage, config, eval_config, clean_path,

@@ -222,9 +222,17 @@ def write_comparison(model_dir, comparison):
     print("written: " + ", ".join(os.path.join(model_dir, name) for name in names))
 
 
+def _run():
+    if FLAGS.strategy != "mirrored":
+        # Evaluations run between the students' trainings on the chief alone; other workers would wait in a
+        # collective for as long as an AutoAttack takes.
+        raise ValueError("reproduce runs with --strategy=mirrored only (train a single method on several workers "
+                         "with mtard_tf.main --strategy=multi_worker)")
+    reproduce(cli.run_config(), cli.eval_config(), tuple(FLAGS.methods), cli.make_strategy())
+
+
 def main(argv):
-    return cli.run_guarded(argv, lambda: reproduce(cli.run_config(), cli.eval_config(), tuple(FLAGS.methods),
-                                                   cli.make_strategy()))
+    return cli.run_guarded(argv, _run)
 
 
 def run():

@@ -76,6 +76,33 @@ class Trainer(keras.Model):
     def call(self, images, training=False):
         return self.model(images, training=training)
 
+    # Two repairs for MultiWorkerMirroredStrategy in Keras 3.15's TensorFlow trainer (MirroredStrategy is unaffected).
+
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        """Keras builds the model from the first batch, which it averages over replicas with one strategy.reduce
+        of the whole (images, labels) structure; MultiWorkerMirroredStrategy cannot reduce a structure.
+        One replica's batch has the same shapes, and taking it needs no collective."""
+        if iterator is not None and self.distribute_strategy is not None:
+            for _, _, batches in iterator:
+                data_batch = tf.nest.map_structure(
+                    lambda value: self.distribute_strategy.experimental_local_results(value)[0], next(batches))
+                break
+            iterator = None
+        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+
+    def _make_function(self, step_function):
+        """Keras averages a step's outputs across workers with strategy.reduce("MEAN", axis=0), which fails on the
+        scalar logs of train_step / test_step; they get an axis of length 1 that the reduction removes."""
+        strategy = self.distribute_strategy
+        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):  # the condition of Keras' reduce_per_replica
+            scalar_step = step_function
+
+            def step_function(data):
+                return tf.nest.map_structure(lambda value: tf.reshape(value, [-1]) if value.shape.rank == 0 else value,
+                                             scalar_step(data))
+        return super()._make_function(step_function)
+
     def cross_entropy_objective(self, labels):
         """Cross-entropy of the model in inference mode: the objective of SAT-style PGD."""
         return lambda images: losses.cross_entropy(labels, self.model(images, training=False))

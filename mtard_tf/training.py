@@ -1,8 +1,11 @@
 """Distillation runs: the strategy, the optimizer and schedules, fit with callbacks, and the saved student."""
 
+import atexit
 import dataclasses
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import keras
@@ -20,11 +23,57 @@ def set_cpu_replicas(num_replicas):
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_replicas)])
 
 
-def make_strategy():
-    """MirroredStrategy over every visible GPU, else over every logical CPU device."""
+STRATEGIES = ("mirrored", "multi_worker")
+
+
+def make_strategy(kind="mirrored"):
+    """mirrored: MirroredStrategy over every visible GPU, else over every logical CPU device.
+
+    multi_worker: MultiWorkerMirroredStrategy over the workers listed in the TF_CONFIG environment variable (each
+    worker's GPUs, or its CPU). Must be created before any other TensorFlow operation runs.
+    """
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind != "mirrored":
+        raise ValueError(f"unknown strategy '{kind}', expected one of {', '.join(STRATEGIES)}")
     gpus = tf.config.list_logical_devices("GPU")
     devices = gpus or tf.config.list_logical_devices("CPU")
     return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker run (TF_CONFIG's "chief", else worker 0)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver else {}
+    if not cluster:
+        return True
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+_scratch = {}
+
+
+def writable_dir(strategy, directory):
+    """Where this process writes the files of `directory`: `directory` itself on the chief; on another worker a
+    private scratch directory, removed at exit.
+
+    Every worker takes part in saving checkpoints and models (reading distributed variables may run collectives),
+    but only the chief's files are kept; all workers read the chief's (`directory` must be on storage that every
+    worker sees, as TensorFlow's multi-worker checkpointing requires).
+    """
+    if is_chief(strategy):
+        return directory
+    if "root" not in _scratch:
+        _scratch["root"] = tempfile.mkdtemp(prefix=f"mtard_tf-worker{strategy.cluster_resolver.task_id}-")
+        atexit.register(shutil.rmtree, _scratch["root"], ignore_errors=True)
+    return os.path.join(_scratch["root"], os.path.abspath(directory).lstrip(os.sep))
+
+
+def barrier(strategy):
+    """Waits until every worker reaches this point (a cross-worker sum), e.g. until the chief's file is written."""
+    strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
 
 
 def save_model_atomic(model, path):
@@ -100,7 +149,7 @@ class RunConfig:
     trades_beta: float = 6.0
 
 
-def fit(trainer, config, work_dir, epochs, steps_per_epoch):
+def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy):
     """model.fit for `epochs` x `steps_per_epoch` steps, resumable at any step, with everything under `work_dir`.
 
     Checkpoints (`checkpoints/`, every epoch and every `config.checkpoint_every_n_steps`) hold the model, the
@@ -108,15 +157,17 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch):
     an uninterrupted one does. A resumed partial epoch is finished by its own fit call. TensorBoard scalars go to
     `tensorboard/`. Returns a keras History with the merged per-epoch logs of this call.
     """
-    checkpoints = checkpointing.StepCheckpoints(trainer, os.path.join(work_dir, "checkpoints"))
+    output_dir = writable_dir(strategy, work_dir)
+    checkpoints = checkpointing.StepCheckpoints(trainer, os.path.join(work_dir, "checkpoints"),
+                                                os.path.join(output_dir, "checkpoints"))
     step = checkpoints.restore_latest()
     total = epochs * steps_per_epoch
     if step:
-        print(f"resuming from step {step} of {total} ({checkpoints.manager.latest_checkpoint})")
+        print(f"resuming from step {step} of {total} ({checkpoints.latest()})")
     validation = data.eval_dataset(config.dataset, config.data_dir, config.batch_size)
     callbacks = [
-        checkpointing.NonFiniteLossGuard(checkpoints.manager.directory),
-        summaries.ScalarSummaries(os.path.join(work_dir, "tensorboard"), config.log_every_n_steps),
+        checkpointing.NonFiniteLossGuard(checkpoints.directory),
+        summaries.ScalarSummaries(os.path.join(output_dir, "tensorboard"), config.log_every_n_steps),
         checkpointing.CheckpointCallback(checkpoints, config.checkpoint_every_n_steps),
     ]
     history = keras.callbacks.History()
@@ -135,6 +186,25 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch):
     if not history.history:  # finished before an interruption: the final validation is re-measured
         metrics = trainer.evaluate(validation, steps=config.validation_steps, verbose=0, return_dict=True)
         history.history = {f"val_{name}": [value] for name, value in metrics.items()}
+    return history
+
+
+def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, path, **summary):
+    """fit, then the trained model to `path` (.keras) and a summary to the .json beside it: the last validation
+    accuracies, the training wall time, the trainer's state and `summary`. Returns the fit history.
+
+    On a multi-worker run every worker saves (into its writable_dir) and waits until all have: the chief's files are
+    complete when this returns on any worker.
+    """
+    start = time.time()
+    history = fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy)
+    seconds = time.time() - start
+    output = os.path.join(writable_dir(strategy, os.path.dirname(path)), os.path.basename(path))
+    save_model_atomic(trainer.model, output)
+    write_json(os.path.splitext(output)[0] + ".json",
+               {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
+                "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
+    barrier(strategy)
     return history
 
 
@@ -211,13 +281,9 @@ def train_student(config, method=None, strategy=None):
         trainer = spec.build(student, frozen, config, schedule, eval_attack_steps=config.eval_attack_steps,
                              **_attack_args(config))
         _compile(trainer, config, strategy, schedule(config.learning_rate))
-    start = time.time()
-    history = fit(trainer, config, config.model_dir, config.epochs, steps_per_epoch)
-    seconds = time.time() - start
-    path = save_model_atomic(student, os.path.join(config.model_dir, "student.keras"))
-    write_json(os.path.join(config.model_dir, "student.json"),
-               {**final_metrics(history), "method": method, "train_seconds": round(seconds, 1),
-                "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
+    path = os.path.join(config.model_dir, "student.keras")
+    history = fit_and_save(trainer, config, strategy, config.model_dir, config.epochs, steps_per_epoch, path,
+                           method=method)
     return path, history
 
 
@@ -258,11 +324,7 @@ def train_teacher(config, kind, strategy=None):
             trainer = teachers.AdversarialTrainer(model, method=config.robust_method, trades_beta=config.trades_beta,
                                                   eval_attack_steps=config.eval_attack_steps, **_attack_args(config))
         _compile(trainer, config, strategy, learning_rate)
-    work_dir = os.path.join(config.model_dir, "teachers", kind)
-    start = time.time()
-    history = fit(trainer, config, work_dir, epochs, steps_per_epoch)
-    seconds = time.time() - start
-    path = save_model_atomic(model, teacher_path(config.model_dir, kind))
-    write_json(os.path.join(config.model_dir, "teachers", f"{kind}.json"),
-               {**final_metrics(history), "train_seconds": round(seconds, 1)})
+    path = teacher_path(config.model_dir, kind)
+    history = fit_and_save(trainer, config, strategy, os.path.join(config.model_dir, "teachers", kind), epochs,
+                           steps_per_epoch, path)
     return path, history

@@ -1,5 +1,6 @@
 """Shared test fixtures: two logical CPU devices, offline mock datasets, tiny models."""
 
+import json
 import os
 import subprocess
 import sys
@@ -95,3 +96,11 @@ def run_main(metadata_dir, *flags):
     """Runs the CLI as users run it, in a subprocess, on offline mock data."""
     command, env = main_command(metadata_dir, *flags)
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_state(model_dir):
+    """The trainer state recorded in <model_dir>/student.json and the weights of <model_dir>/student.keras."""
+    with open(os.path.join(model_dir, "student.json")) as f:
+        state = json.load(f)["state"]
+    weights = keras.models.load_model(os.path.join(model_dir, "student.keras")).get_weights()
+    return state, weights

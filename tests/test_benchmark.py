@@ -23,3 +23,5 @@ def test_benchmark_prints_one_record_per_configuration():
         student_flops = record["forward_flops_per_image"]["student"]
         assert student_flops > 0 and record["flops_per_step"] > 4 * (2 * 2 + 6) * student_flops
         assert 0 < record["matmul_fraction"] < 1
+        # float32: a gradient almost everywhere (a few exact zeros behind the dead ReLUs of a width-2 network).
+        assert 0 <= record["attack_zero_gradient_fraction"] < 0.1

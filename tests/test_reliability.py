@@ -1,18 +1,16 @@
 """Reliability: exact resume after SIGKILL, determinism, the non-finite-loss guard, clear errors on bad input."""
 
-import json
 import os
 import signal
 import subprocess
 import time
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, main_command, run_main, tiny_model
+from conftest import ROOT, final_state, main_command, run_main, tiny_model
 from mtard_tf import data
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=2",
@@ -40,13 +38,6 @@ def test_augmentation_stays_a_shifted_flipped_copy():
     windows = [padded[i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
     assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
     np.testing.assert_array_equal(out, data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy())
-
-
-def final_state(model_dir):
-    with open(os.path.join(model_dir, "student.json")) as f:
-        state = json.load(f)["state"]
-    weights = keras.models.load_model(os.path.join(model_dir, "student.keras")).get_weights()
-    return state, weights
 
 
 def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(mock_metadata_dir, teacher_files, tmp_path):
