@@ -4,7 +4,8 @@
 `report.json`, `report.md` and (optionally) TensorBoard scalars into `output_dir`. Every attack works in the L-inf
 ball of radius `epsilon` and in [0, 1], with the model in inference mode; randomness comes from stateless RNG seeded
 by `seed`, so a run repeats. A per-image sanity check (AutoAttack-robust => robust under every other attack =>
-clean-correct) flags broken attacks and gradient masking.
+clean-correct) flags broken attacks and gradient masking. An image counts as robust under an attack only if it is
+also classified correctly without attack, as in AutoAttack.
 
 Library code: no flags are read here; the CLI passes plain arguments.
 """
@@ -301,6 +302,11 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
                                   jit_compile=jit_compile, **options)
             _, pred = autoattack.predict(model, x_adv)
             flags[begin:end] = pred.numpy() == labels[begin:end]
+            if name != "clean":
+                # Robust = correct on the clean image and on the attacked one (AutoAttack's convention): the attacker
+                # may always submit the clean image, so an attack that happens to "fix" a misclassified image (FGSM
+                # on a non-robust model does) must not count as robustness.
+                flags[begin:end] &= correct["clean"][begin:end]
             x_adv_np = np.asarray(x_adv)
             max_perturbation = max(max_perturbation, float(np.max(np.abs(x_adv_np - images[begin:end]))))
             out_of_range += int(np.sum((x_adv_np < 0.0) | (x_adv_np > 1.0)))

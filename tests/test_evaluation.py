@@ -153,3 +153,22 @@ def test_sanity_check_flags_violations(monkeypatch, tmp_path):
                                  output_dir=str(tmp_path), progress=False)
     assert report["sanity"]["violations"] == 4
     assert any("robust under autoattack but broken by fgsm" in w for w in warnings)
+
+
+def test_an_attack_that_fixes_a_misclassified_image_is_not_robustness(monkeypatch, tmp_path):
+    monkeypatch.setitem(evaluation.ATTACKS, "fgsm",
+                        lambda model, x, y, epsilon, **kw: tf.clip_by_value(x + epsilon, 0.0, 1.0))
+    x = np.full((4, 2, 2, 1), 0.5, np.float32)
+    labels = np.array([0, 0, 1, 1], np.int32)
+
+    def shift_detector(inputs, training=False):  # class 0 for the clean images, class 1 once the pixels moved
+        shift = tf.reduce_max(tf.abs(tf.reshape(inputs, [tf.shape(inputs)[0], -1]) - 0.5), axis=1)
+        return tf.stack([1.0 - 100.0 * shift, tf.fill(tf.shape(shift), 0.5)], axis=1)
+
+    dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(4)
+    report = evaluation.evaluate(shift_detector, dataset, attacks="fgsm", epsilon=EPS, batch_size=4,
+                                 output_dir=str(tmp_path), progress=False)
+    # Images 2 and 3 are misclassified clean and "correct" after FGSM: neither is robust. Images 0, 1 are broken.
+    assert report["attacks"]["clean"]["accuracy"] == 0.5
+    assert report["attacks"]["fgsm"]["accuracy"] == 0.0
+    assert report["sanity"]["passed"]
