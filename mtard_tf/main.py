@@ -13,6 +13,7 @@ MODES = ("all", "distill", "train_teacher", "evaluate", "export")
 # baselines.METHOD_NAMES (spelled out here: flags are defined before TensorFlow is imported; a test checks they agree).
 METHOD_NAMES = ("natural", "sat", "trades", "ard", "rslad", "adaad", "mtard", "b_mtard")
 DISTILLER_METHODS = ("b_mtard", "mtard")
+STRATEGIES = ("mirrored", "multi_worker")  # training.STRATEGIES (a test checks they agree)
 flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
                   "evaluation, export, each skipped when its output exists; or one of those stages alone.")
 flags.DEFINE_enum("method", "b_mtard", METHOD_NAMES,
@@ -24,7 +25,7 @@ flags.DEFINE_string("model_dir", "runs/cifar10", "Where checkpoints, TensorBoard
 flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, augmentation, attack noise).")
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (multi-replica development).",
                      lower_bound=1)
-flags.DEFINE_enum("strategy", "mirrored", ["mirrored", "multi_worker"],
+flags.DEFINE_enum("strategy", "mirrored", STRATEGIES,
                   "mirrored: MirroredStrategy over this machine's GPUs (else its CPU); multi_worker: "
                   "MultiWorkerMirroredStrategy over the workers in the TF_CONFIG environment variable (start the "
                   "same command on every worker; --model_dir on storage all of them see).")

@@ -132,6 +132,11 @@ def test_mixed_precision_command_keeps_float32_logits_and_state(mock_metadata_di
     assert state["weight_adv"] + state["weight_nat"] == pytest.approx(1.0, abs=1e-6)
 
 
+def test_command_line_strategies_are_the_library_strategies():
+    from mtard_tf import main
+    assert main.STRATEGIES == training.STRATEGIES
+
+
 def test_writable_dir_is_the_directory_itself_without_a_cluster(strategies, tmp_path):
     assert training.is_chief(strategies[2])
     assert training.writable_dir(strategies[2], str(tmp_path)) == str(tmp_path)
