@@ -1,4 +1,5 @@
-"""White-box L-infinity attacks shared by training and evaluation (SPEC 1.1 and 2).
+"""White-box L-infinity attacks shared by training and evaluation: the training PGD (MTARD mtard/mtard_loss.py)
+and the FGSM, PGD and CW attacks of the evaluation.
 
 An attack maximises a per-example objective `objective(x_adv) -> [B]` by signed-gradient ascent and returns a
 constant tensor (no gradient flows back through it). Inputs live in [0, 1].

@@ -1,4 +1,5 @@
-"""The two balancing rules of B-MTARD (SPEC 1.3, 1.4), as pure functions of tensors.
+"""The two balancing rules of B-MTARD, Entropy-Based Balance and Normalization Loss Balance (MTARD-extension
+resnet18_mtard_cifar10.py L128-166), as pure functions of tensors.
 
 The distiller keeps the state in non-trainable variables and calls these once per step with cross-replica
 statistics, so every replica computes the same new state.

@@ -1,34 +1,48 @@
-"""Every way to train the student (SPEC 1.7): the `--method` registry, and the single-teacher distillation baselines.
+"""Every way to train the student (the methods of the paper's comparison tables): the `--method` registry, and
+the single-teacher distillation baselines.
 
-| method  | trainer                                   | teachers       |
-|---------|-------------------------------------------|----------------|
-| natural | teachers.NaturalTrainer                   |                |
-| sat     | teachers.AdversarialTrainer(pgd_at)       |                |
-| trades  | teachers.AdversarialTrainer(trades)       |                |
-| ard     | ARDTrainer (below)                        | robust         |
-| rslad   | RSLADTrainer (below)                      | robust         |
-| adaad   | AdaADTrainer (below)                      | robust         |
-| mtard   | distiller.Distiller(balance="mtard")      | clean, robust  |
-| b_mtard | distiller.Distiller(balance="b_mtard")    | clean, robust  |
+| method  | trainer                                | teachers      | loss (losses.py)   |
+|---------|----------------------------------------|---------------|--------------------|
+| natural | teachers.NaturalTrainer                |               | natural_loss       |
+| sat     | teachers.AdversarialTrainer(pgd_at)    |               | sat_loss           |
+| trades  | teachers.AdversarialTrainer(trades)    |               | trades_loss        |
+| ard     | ARDTrainer (below)                     | robust        | ard_loss           |
+| rslad   | RSLADTrainer (below)                   | robust        | rslad_loss         |
+| adaad   | AdaADTrainer (below)                   | robust        | adaad_loss         |
+| mtard   | distiller.Distiller(balance="mtard")   | clean, robust | multi_teacher_loss |
+| b_mtard | distiller.Distiller(balance="b_mtard") | clean, robust | multi_teacher_loss |
+
+The reference code of each loss: natural boyellow/AdaAD main.py L302-304 (`Plain_Clean`); sat
+MadryLab/cifar10_challenge model.py L94-97; trades yaodongyu/TRADES trades.py L79-83; ard
+goldblum/AdversariallyRobustDistillation main.py L127; rslad zibojia/RSLAD resnet18_rslad_cifar10.py L59-63; adaad
+boyellow/AdaAD main.py L341-353; mtard zhaoshiji123/MTARD mtard/mtard_resnet18_cifar10.py L77-100; b_mtard
+zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py L122-169.
 
 Every trainer shares trainer.Trainer's attack (PGD in the eps-ball, replica-independent random starts), its
-replica-correct SGD step and its validation; only the loss and the attack objective differ. The three baselines
-below follow their authors' PyTorch code where the papers leave a choice open:
+replica-correct SGD step and its validation; only the loss and the attack objective differ. Each method's official
+training recipe (epochs, milestones, weight decay, attack, loss hyper-parameters) is flags/methods/<method>.cfg.
+The three baselines below follow their authors' PyTorch code where the papers leave a choice open:
 
 - ARD (Goldblum et al., AAAI 2020; github goldblum/AdversariallyRobustDistillation): x' = PGD on the student's CE
   from a uniform random start in the eps-ball; loss alpha * tau^2 * KL(T(x)/tau || S(x')/tau) + (1 - alpha) * CE(S(x))
-  with `nn.KLDivLoss()`'s reduction, a mean over batch x classes (KL / C); teacher on the *clean* image; both student
-  passes in training mode, S(x') first. Deviation: the reference attacks the student in training mode (BatchNorm on
-  batch statistics); here, as in every other method, the attack runs in inference mode.
+  with `nn.KLDivLoss()`'s reduction, a mean over batch x classes (KL / C; main.py L113, L127); teacher on the *clean*
+  image; both student passes in training mode, S(x') first (main.py L124-126). Deviation: the reference attacks the
+  student in training mode (BatchNorm on batch statistics, main.py L118); here, as in every other method, the attack
+  runs in inference mode.
 - RSLAD (Zi et al., ICCV 2021; github zibojia/RSLAD): x' maximises KL(T(x) || S(x')) (student in inference mode)
-  from x + 0.001 N(0, I); loss w * l(S(x'), T(x)) + (1 - w) * l(S(x), T(x)) with the reference's
-  l = mean over batch x classes of p (log(p + 1e-5) - log softmax(z)), i.e. losses.distillation_kl, w = 5/6.
-- AdaAD (Huang et al., NeurIPS 2022; github boyellow/AdaAD): x' maximises KL(T(x') || S(x')) through both networks
-  (both in inference mode) from x + 0.001 N(0, I); loss alpha * KL(T(x') || S(x')) + (1 - alpha) * KL(T(x) || S(x)),
-  reduced as the CIFAR-10 reference (KL / C); student passes in training mode, S(x) first.
+  from x + 0.001 N(0, I) (rslad_loss.py L26-51); loss w * l(S(x'), T(x)) + (1 - w) * l(S(x), T(x)) with the
+  reference's l = mean over batch x classes of p (log(p + 1e-5) - log softmax(z)), i.e. losses.distillation_kl,
+  w = 5/6 (resnet18_rslad_cifar10.py L38-40, L59-63).
+- AdaAD (Huang et al., CVPR 2023; github boyellow/AdaAD): x' maximises KL(T(x') || S(x')) through both networks
+  (both in inference mode) from x + 0.001 N(0, I) (AT_helper.py L8-48); loss alpha * KL(T(x') || S(x'))
+  + (1 - alpha) * KL(T(x) || S(x)); student passes in training mode, S(x) first (main.py L330-339). The reduction
+  is the reference's own, which differs by dataset (losses.adaad_kl): on CIFAR-10 `nn.KLDivLoss()`, a mean over
+  batch x classes, i.e. KL / C (main.py L341-345); on CIFAR-100 the KL summed over batch x classes and divided by
+  the batch size, i.e. the full KL (main.py L347-351).
 
-`kl_scale` (10 in the CIFAR-100 preset) multiplies the KL / C terms of RSLAD and AdaAD as it does B-MTARD's (the
-RSLAD and MTARD code multiply by 10 on CIFAR-100; AdaAD's code sums over the classes there, a factor C).
+`kl_scale` (10 in the CIFAR-100 preset) multiplies the KL / C terms of RSLAD, MTARD and B-MTARD, as their code does
+on CIFAR-100 (zibojia/RSLAD resnet18_rslad_cifar100.py L63-65, zhaoshiji123/MTARD mtard/mtard_resnet18_cifar100.py
+L79-80). It does not apply to AdaAD, whose code has no such factor: its CIFAR-100 loss is the full KL instead.
 """
 
 import dataclasses
@@ -70,11 +84,12 @@ class ARDTrainer(_SingleTeacherTrainer):
         images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
         teacher_logits = self.teacher(images, training=False)
         with tf.GradientTape() as tape:
-            kl = losses.class_mean_kl_divergence(teacher_logits, self.student(images_adv, training=True),
-                                                 self.temperature)
-            cross_entropy = losses.cross_entropy(labels, self.student(images, training=True))
-            per_example = self.alpha * self.temperature ** 2 * kl + (1.0 - self.alpha) * cross_entropy
+            adv_logits = self.student(images_adv, training=True)
+            logits = self.student(images, training=True)
+            per_example = losses.ard_loss(labels, teacher_logits, adv_logits, logits, self.temperature, self.alpha)
         self.minimize(tape, per_example)
+        kl = losses.class_mean_kl_divergence(teacher_logits, adv_logits, self.temperature)
+        cross_entropy = losses.cross_entropy(labels, logits)
         return self.step_logs(learning_rate, loss=per_example, kl_adv=kl, cross_entropy=cross_entropy)
 
 
@@ -94,22 +109,23 @@ class RSLADTrainer(_SingleTeacherTrainer):
         images_adv = self.attack(
             lambda x: losses.kl_divergence(teacher_logits, self.student(x, training=False)), images,
             attacks.normal_start(images, self.attack_noise(images)))
-        soft_labels = losses.teacher_probabilities(teacher_logits)
         with tf.GradientTape() as tape:
-            kl_adv = losses.distillation_kl(self.student(images_adv, training=True), soft_labels)
-            kl_nat = losses.distillation_kl(self.student(images, training=True), soft_labels)
-            per_example = self.kl_scale * (self.adv_weight * kl_adv + (1.0 - self.adv_weight) * kl_nat)
+            adv_logits = self.student(images_adv, training=True)
+            logits = self.student(images, training=True)
+            per_example = losses.rslad_loss(teacher_logits, adv_logits, logits, self.adv_weight, self.kl_scale)
         self.minimize(tape, per_example)
+        soft_labels = losses.teacher_probabilities(teacher_logits)
+        kl_adv = losses.distillation_kl(adv_logits, soft_labels)
+        kl_nat = losses.distillation_kl(logits, soft_labels)
         return self.step_logs(learning_rate, loss=per_example, kl_adv=kl_adv, kl_nat=kl_nat)
 
 
 class AdaADTrainer(_SingleTeacherTrainer):
     """Adaptive Adversarial Distillation: x' is where teacher and student disagree most; match the teacher there."""
 
-    def __init__(self, student, teacher, *, alpha=1.0, kl_scale=1.0, **kwargs):
+    def __init__(self, student, teacher, *, alpha=1.0, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.alpha = float(alpha)
-        self.kl_scale = float(kl_scale)
 
     def train_step(self, data):
         images, labels = data
@@ -121,10 +137,12 @@ class AdaADTrainer(_SingleTeacherTrainer):
         teacher_nat = self.teacher(images, training=False)
         teacher_adv = self.teacher(images_adv, training=False)
         with tf.GradientTape() as tape:
-            kl_nat = losses.class_mean_kl_divergence(teacher_nat, self.student(images, training=True))
-            kl_adv = losses.class_mean_kl_divergence(teacher_adv, self.student(images_adv, training=True))
-            per_example = self.kl_scale * (self.alpha * kl_adv + (1.0 - self.alpha) * kl_nat)
+            logits = self.student(images, training=True)
+            adv_logits = self.student(images_adv, training=True)
+            per_example = losses.adaad_loss(teacher_adv, adv_logits, teacher_nat, logits, self.alpha)
         self.minimize(tape, per_example)
+        kl_adv = losses.adaad_kl(teacher_adv, adv_logits)
+        kl_nat = losses.adaad_kl(teacher_nat, logits)
         return self.step_logs(learning_rate, loss=per_example, kl_adv=kl_adv, kl_nat=kl_nat)
 
 
@@ -168,7 +186,8 @@ def _rslad(student, teachers_, config, schedule, **common):
 
 
 def _adaad(student, teachers_, config, schedule, **common):
-    return AdaADTrainer(student, teachers_["robust"], alpha=config.adaad_alpha, kl_scale=config.kl_scale, **common)
+    # No kl_scale: AdaAD's own code fixes its reduction per dataset (losses.adaad_kl), with no x10 on CIFAR-100.
+    return AdaADTrainer(student, teachers_["robust"], alpha=config.adaad_alpha, **common)
 
 
 def _distiller(balance):

@@ -13,13 +13,12 @@ so the figure is the step's, not the input pipeline's (--pipeline_batches measur
 """
 
 import json
-import os
 import sys
 import time
 
 from absl import app, flags, logging
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from mtard_tf import startup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("student", "resnet18:width=8", "Student architecture.")
@@ -157,8 +156,10 @@ def pipeline_images_per_second(batches):
 
 def main(argv):
     del argv
-    if not FLAGS["verbosity"].present:
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
         logging.set_verbosity(logging.WARNING)
+    startup.start_tensorflow(verbose)
     import keras
     from mtard_tf import training
     training.set_cpu_replicas(FLAGS.cpu_replicas)

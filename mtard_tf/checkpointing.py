@@ -2,13 +2,16 @@
 stops on a non-finite loss without overwriting the last good checkpoint.
 
 A checkpoint holds the trained model, the optimizer (step counter, momentum) and the trainer's own state variables
-(the balancing state tau_a, tau_n, w_adv, w_nat, L(0) of B-MTARD, the evaluation-noise counter). The data position
-is the optimizer step: the training stream of data.train_dataset is a function of (seed, step). TensorFlow writes
+(the balancing state tau_a, tau_n, w_adv, w_nat, L(0) of B-MTARD). The data position is the optimizer step: the
+training stream of data.train_dataset is a function of (seed, step), and the validation attack's noise is a function
+of (seed, step, batch), so a validation advances nothing that needs saving. TensorFlow writes
 checkpoint files under temporary names and updates the `checkpoint` index atomically, so a crash while saving leaves
 the previous checkpoint usable.
 """
 
 import math
+import os
+import signal
 
 import keras
 import tensorflow as tf
@@ -68,8 +71,20 @@ class StepCheckpoints:
         return self.step()
 
 
+# Test-only: `<point>:<number>` in this environment variable makes the process SIGKILL itself at that point, so a
+# test interrupts a run exactly where it wants (never racing a timer): `step_checkpoint:S` right after the step-S
+# checkpoint, `validated:E` after epoch E's validation and before its checkpoint, `epoch_checkpoint:E` right after it.
+KILL_POINT_VARIABLE = "MTARD_TF_TEST_KILL_AT"
+
+
+def kill_point(name, number):
+    """SIGKILLs this process when KILL_POINT_VARIABLE names this point (test-only; a no-op otherwise)."""
+    if os.environ.get(KILL_POINT_VARIABLE) == f"{name}:{number}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class CheckpointCallback(keras.callbacks.Callback):
-    """Saves every `every_n_steps` optimizer steps (if > 0) and at the end of every epoch."""
+    """Saves every `every_n_steps` optimizer steps (if > 0) and at the end of every epoch (after its validation)."""
 
     def __init__(self, checkpoints, every_n_steps=0):
         super().__init__()
@@ -77,11 +92,15 @@ class CheckpointCallback(keras.callbacks.Callback):
         self.every_n_steps = int(every_n_steps or 0)
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.every_n_steps and self.checkpoints.step() % self.every_n_steps == 0:
+        step = self.checkpoints.step()
+        if self.every_n_steps and step % self.every_n_steps == 0:
             self.checkpoints.save()
+            kill_point("step_checkpoint", step)
 
     def on_epoch_end(self, epoch, logs=None):
+        kill_point("validated", epoch + 1)
         self.checkpoints.save()
+        kill_point("epoch_checkpoint", epoch + 1)
 
 
 class NonFiniteLossGuard(keras.callbacks.Callback):

@@ -5,8 +5,9 @@ Shapes, class counts and class names come from the dataset's own info. The train
 fresh permutation every epoch e), augmented (pad 4, random crop back to the image size, random horizontal flip)
 with stateless random ops seeded by (seed, p). So a run resumed at step s sees exactly the batches an uninterrupted
 run sees, whatever the parallelism of the map, and resuming costs nothing. The train split is held in memory as
-uint8 (150 MB for CIFAR); tf.data's stateful shuffle was not used because its order depended on process state. (Keras' RandomCrop/RandomFlip layers draw from a stateful seed generator, which a parallel tf.data map
-consumes in a nondeterministic order, and RandomCrop uses one offset per batch; hence tf.image's stateless ops.)
+uint8 (150 MB for CIFAR); tf.data's stateful shuffle was not used because its order depended on process state.
+(Keras' RandomCrop/RandomFlip layers draw from a stateful seed generator, which a parallel tf.data map consumes in
+a nondeterministic order, and RandomCrop uses one offset per batch; hence tf.image's stateless ops.)
 """
 
 import dataclasses
@@ -43,6 +44,25 @@ def _unavailable(name, data_dir):
     return DataUnavailableError(
         f"dataset '{name}' is not prepared in {where}: prepare it with `tfds build {name} --data_dir=DIR` on a "
         f"machine with internet access (or copy a prepared tfds directory) and pass --data_dir=DIR")
+
+
+def prepare(name, data_dir=None, download=True):
+    """Makes sure the dataset is prepared in `data_dir` (tfds' default directory if None): on first use, with
+    `download`, tensorflow-datasets downloads and prepares it there; a failed download or `download=False` on a
+    dataset that is not there is a DataUnavailableError of one line."""
+    builder = _builder(name, data_dir)
+    if "train" in builder.info.splits:
+        return
+    if not download:
+        raise _unavailable(name, data_dir)
+    print(f"dataset '{name}': first use, downloading and preparing it in {builder.data_dir}", flush=True)
+    try:
+        builder.download_and_prepare()
+    except Exception as error:  # requests, OSError, tfds' own: for the user all mean "the download failed"
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        raise DataUnavailableError(
+            f"dataset '{name}' could not be downloaded ({type(error).__name__}: {reason}); without internet access, "
+            f"prepare it with `tfds build {name} --data_dir=DIR` elsewhere and pass --data_dir=DIR") from error
 
 
 def load_info(name, data_dir=None):
@@ -98,13 +118,18 @@ def _train_arrays(name, data_dir):
     return images, labels
 
 
-def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0):
+def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0, holdout=0):
     """Endless, shuffled, augmented batches of the train split, starting at batch `start_step` of the stream.
 
-    Batches are full (drop_remainder), and batch k is the same for any `start_step` <= k (see the module doc).
+    Batches are full (drop_remainder), and batch k is the same for any `start_step` <= k (see the module doc). The
+    last `holdout` examples of the split are left out (they are `holdout_dataset`'s).
     """
     images, labels = _train_arrays(name, data_dir)
-    num_examples = int(labels.shape[0])
+    num_examples = int(labels.shape[0]) - int(holdout)
+    if num_examples < batch_size:
+        raise DataUnavailableError(f"dataset '{name}' keeps {num_examples} train examples after a holdout of "
+                                   f"{holdout}: fewer than one batch of {batch_size}")
+    images, labels = images[:num_examples], labels[:num_examples]
 
     def example(position):
         epoch, offset = position // num_examples, position % num_examples
@@ -118,6 +143,17 @@ def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0
     dataset = tf.data.Dataset.range(start_step * batch_size, tf.int64.max)
     dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     return _shard_by_data(dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
+
+
+def holdout_dataset(name, data_dir, batch_size, holdout, num_examples=None):
+    """The last `holdout` examples of the train split (never trained on when held out), in order, batched, not
+    augmented; the first `num_examples` of them if given."""
+    images, labels = _train_arrays(name, data_dir)
+    dataset = tf.data.Dataset.from_tensor_slices((images[-int(holdout):], labels[-int(holdout):]))
+    if num_examples is not None:
+        dataset = dataset.take(num_examples)
+    return _shard_by_data(
+        dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
 def _shard_by_data(dataset):

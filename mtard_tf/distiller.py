@@ -1,4 +1,5 @@
-"""The B-MTARD distiller: a keras.Model whose train_step is the paper's algorithm (SPEC 1.1-1.4).
+"""The B-MTARD distiller: a keras.Model whose train_step is the paper's algorithm, as its reference code runs it
+(zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py L104-172).
 
 One training step, on a batch (x, y):
   1. x' = PGD on the student's cross-entropy (student in inference mode), from x + 0.001 N(0, I);
@@ -62,7 +63,7 @@ class Distiller(Trainer):
                 "initial_kl_adv": self.initial_kl_adv, "initial_kl_nat": self.initial_kl_nat}
 
     def update_loss_weights(self, kl_adv, kl_nat, step):
-        """Normalization Loss Balance (SPEC 1.4); the first step's losses become L(0)."""
+        """Normalization Loss Balance (resnet18_mtard_cifar10.py L137-166); the first step's losses become L(0)."""
         first = self.initial_kl_set < 0.5
         self.initial_kl_adv.assign(tf.where(first, kl_adv, self.initial_kl_adv))
         self.initial_kl_nat.assign(tf.where(first, kl_nat, self.initial_kl_nat))
@@ -77,7 +78,7 @@ class Distiller(Trainer):
         return weight_adv, weight_nat
 
     def update_temperatures(self, entropy_adv, entropy_nat, step):
-        """Entropy-Based Balance (SPEC 1.3); MTARD (ECCV 2022) keeps both temperatures at 1."""
+        """Entropy-Based Balance (resnet18_mtard_cifar10.py L128-134); MTARD (ECCV 2022) keeps temperatures at 1."""
         if self.balance != "b_mtard":
             return
         temperature_adv, temperature_nat = balancing.entropy_balance(
@@ -87,7 +88,7 @@ class Distiller(Trainer):
         self.temperature_nat.assign(temperature_nat)
 
     def adversarial_examples(self, images, labels):
-        """x' = PGD on the student's CE (inference mode) from x + 0.001 N(0, I) (SPEC 1.1)."""
+        """x' = PGD on the student's CE (inference mode) from x + 0.001 N(0, I) (MTARD mtard_loss.py L27-53)."""
         return self.attack(self.cross_entropy_objective(labels), images,
                            attacks.normal_start(images, self.attack_noise(images)))
 
@@ -102,12 +103,13 @@ class Distiller(Trainer):
         Returns the cross-replica losses and the weights that computed this step's loss.
         """
         with tf.GradientTape() as tape:
-            kl_adv_per_example = losses.distillation_kl(self.student(images_adv, training=True), probs_adv)
-            kl_nat_per_example = losses.distillation_kl(self.student(images, training=True), probs_nat)
-            kl_adv = global_mean(tf.stop_gradient(kl_adv_per_example))
-            kl_nat = global_mean(tf.stop_gradient(kl_nat_per_example))
+            adv_logits = self.student(images_adv, training=True)
+            logits = self.student(images, training=True)
+            kl_adv = global_mean(tf.stop_gradient(losses.distillation_kl(adv_logits, probs_adv)))
+            kl_nat = global_mean(tf.stop_gradient(losses.distillation_kl(logits, probs_nat)))
             weight_adv, weight_nat = self.update_loss_weights(kl_adv, kl_nat, step)
-            per_example = self.kl_scale * (weight_adv * kl_adv_per_example + weight_nat * kl_nat_per_example)
+            per_example = losses.multi_teacher_loss(adv_logits, probs_adv, logits, probs_nat, weight_adv, weight_nat,
+                                                    self.kl_scale)
         self.minimize(tape, per_example)
         return kl_adv, kl_nat, weight_adv, weight_nat
 

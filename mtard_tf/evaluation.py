@@ -1,18 +1,19 @@
-"""Robustness evaluation (SPEC 2): accuracy under FGSM, PGD-SAT, PGD-TRADES, CW-inf and AutoAttack.
+"""Robustness evaluation (the paper's protocol, B-MTARD TPAMI 2024): accuracy under FGSM, PGD-SAT, PGD-TRADES,
+CW-inf and AutoAttack.
 
 `evaluate` runs the chosen attacks on the first `num_examples` examples of a dataset, batch by batch, and writes
-`report.json`, `report.md` and (optionally) TensorBoard scalars into `output_dir`. Every attack works in the L-inf
-ball of radius `epsilon` and in [0, 1], with the model in inference mode; randomness comes from stateless RNG seeded
-by `seed`, so a run repeats. A per-image sanity check (AutoAttack-robust => robust under every other attack =>
-clean-correct) flags broken attacks and gradient masking. An image counts as robust under an attack only if it is
-also classified correctly without attack, as in AutoAttack.
+`report.json` (with each accuracy's 95% Wilson confidence interval), `report.md`, `per_image.npz` (the per-image
+robust flags of every attack and the labels, for paired comparisons of models) and (optionally) TensorBoard scalars
+into `output_dir`. Every attack works in the L-inf ball of radius `epsilon` and in [0, 1], with the model in
+inference mode; randomness comes from stateless RNG seeded by `seed`, so a run repeats. A per-image sanity check
+(AutoAttack-robust => robust under every other attack => clean-correct) flags broken attacks and gradient masking.
+An image counts as robust under an attack only if it is also classified correctly without attack, as in AutoAttack.
 
 Library code: no flags are read here; the CLI passes plain arguments.
 """
 
 import json
 import os
-import tempfile
 import time
 
 import keras
@@ -22,7 +23,9 @@ from absl import logging
 
 from mtard_tf import attacks as attacks_lib
 from mtard_tf import autoattack
+from mtard_tf import files
 from mtard_tf import losses
+from mtard_tf import stats
 
 ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 DISPLAY_NAMES = {
@@ -34,9 +37,12 @@ DISPLAY_NAMES = {
     "autoattack": "AutoAttack",
 }
 DEFAULT_EPSILON = 8.0 / 255.0
+# Beside report.json: one bool array of per-image robust flags per attack name, and "labels".
+PER_IMAGE_FILE = "per_image.npz"
 
-# SPEC 2. CW-inf starts, like PGD, from a uniform random point of the eps-ball: the common practice of the TRADES /
-# RSLAD / MTARD evaluation code (`cw_whitebox` adds U(-eps, eps) noise before its 30 steps of 2/255 on the margin).
+# The paper's attacks. CW-inf starts, like PGD, from a uniform random point of the eps-ball: the common practice of
+# the TRADES / RSLAD / MTARD evaluation code (`cw_whitebox` adds U(-eps, eps) noise before its 30 steps of 2/255 on
+# the margin).
 WHITE_BOX = {
     "fgsm": dict(steps=1, step_size=None, random_start=False, loss="ce"),
     "pgd_sat": dict(steps=20, step_size=2.0 / 255.0, random_start=True, loss="ce"),
@@ -92,7 +98,7 @@ def _white_box_attack(name):
         return run(x, y, tf.constant([int(seed), 0], tf.int64))
 
     attack.__name__ = name
-    attack.__doc__ = (f"SPEC 2 {DISPLAY_NAMES[name]}: {config['steps']} step(s) of "
+    attack.__doc__ = (f"{DISPLAY_NAMES[name]}: {config['steps']} step(s) of "
                       f"{'eps' if config['step_size'] is None else round(config['step_size'], 6)}, "
                       f"{'uniform random start' if config['random_start'] else 'no random start'}, "
                       f"{'CE' if config['loss'] == 'ce' else 'margin (kappa 50)'} loss. Returns x_adv.")
@@ -124,7 +130,7 @@ ATTACKS = {
 
 
 def parse_attacks(attacks):
-    """A comma-separated string or a sequence of names -> a tuple in SPEC 2 order, 'clean' always included."""
+    """A comma-separated string or a sequence of names -> a tuple in ATTACK_NAMES order, 'clean' always included."""
     if isinstance(attacks, str):
         attacks = [a.strip() for a in attacks.split(",") if a.strip()]
     attacks = [a.lower() for a in attacks]
@@ -196,35 +202,69 @@ def sanity_check(correct, max_examples=10):
     return {"passed": total == 0, "violations": total, "checks": checks}
 
 
-def _write_atomically(path, text):
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def format_accuracy(accuracy, ci95=None):
+    """An accuracy in %, with its confidence interval when given: '52.80 [48.4, 57.1]'."""
+    text = f"{100 * accuracy:.2f}"
+    return text if ci95 is None else f"{text} [{100 * ci95[0]:.1f}, {100 * ci95[1]:.1f}]"
+
+
+def write_per_image(path, correct, labels):
+    """Writes {attack name: bool[N] robust flags, "labels": int[N]} to an .npz file atomically (temporary + rename)."""
+    if "labels" in correct:
+        raise ValueError("'labels' is reserved for the labels array of per_image.npz")
+    with files.atomic_file(path, "wb") as f:
+        np.savez(f, labels=np.asarray(labels, dtype=np.int64),
+                 **{name: np.asarray(flags, dtype=bool) for name, flags in correct.items()})
+
+
+def read_per_image(output_dir):
+    """({attack name: bool[N] robust flags}, labels int[N]) of the evaluation written into `output_dir`.
+
+    Raises FileNotFoundError (with what to do) when the evaluation predates per-image flags.
+    """
+    path = os.path.join(output_dir, PER_IMAGE_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: the evaluation in {output_dir} was written without per-image flags; re-run "
+            f"the evaluation (delete {os.path.join(output_dir, 'report.json')} and run the command again, or "
+            "--mode=evaluate)")
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    labels = arrays.pop("labels")
+    return {name: flags.astype(bool) for name, flags in arrays.items()}, labels
+
+
+def selection_sentence(selection):
+    """One sentence on how a model was selected (a student.json "selection" entry), with the caveat of test-set
+    selection."""
+    if selection.get("mode") == "last":
+        return f"Model: the last epoch's ({selection.get('epoch')}), no selection."
+    text = (f"Model selection: {selection['mode']}, epoch {selection.get('epoch')} of the best "
+            f"{selection.get('metric_name', 'metric')} = {100 * selection['metric']:.2f}% on "
+            f"{selection.get('num_examples')} images of {selection.get('split')}.")
+    if selection["mode"] == "best_test":
+        text += " Selected on the test split itself: the test figures above are optimistic."
+    return text
 
 
 def format_markdown(report, title=None):
-    """The SPEC 2 table: Attack | Accuracy (%) | W-Robust (%) | Time (s)."""
+    """The report table: Attack | Accuracy (%) [95% CI] | W-Robust (%) | Time (s)."""
     eps = report["epsilon"]
     lines = [f"# {title or 'Robustness evaluation'}", "",
              f"L∞ ε = {eps * 255:.4g}/255 ({eps:.5f}), inputs in [0, 1], {report['num_examples']} test images "
              f"(the first N), seed {report['seed']}.", "",
              "| Attack | Accuracy (%) | W-Robust (%) | Time (s) |", "|---|---:|---:|---:|"]
     for name, r in report["attacks"].items():
-        lines.append(f"| {DISPLAY_NAMES.get(name, name)} | {100 * r['accuracy']:.2f} | {100 * r['w_robust']:.2f} "
-                     f"| {r['seconds']:.1f} |")
+        lines.append(f"| {DISPLAY_NAMES.get(name, name)} | {format_accuracy(r['accuracy'], r.get('ci95'))} "
+                     f"| {100 * r['w_robust']:.2f} | {r['seconds']:.1f} |")
     lines.append("")
-    lines.append("W-Robust = (clean accuracy + accuracy under the attack) / 2. AutoAttack = standard version "
-                 "(APGD-CE, APGD-T, FAB-T, Square 5000 queries), worst case per image.")
+    lines.append("Accuracy [95% Wilson confidence interval over the test images]. W-Robust = (clean accuracy + "
+                 "accuracy under the attack) / 2. AutoAttack = standard version (APGD-CE, APGD-T, FAB-T, Square "
+                 "5000 queries), worst case per image. Per-image robust flags: "
+                 f"{report.get('per_image', PER_IMAGE_FILE)}.")
+    selection = report.get("selection")
+    if selection:
+        lines += ["", selection_sentence(selection)]
     options = report.get("attack_options", {})
     if options:
         lines.append("")
@@ -260,7 +300,7 @@ def _batch_seed(seed, attack_index, batch_index):
 
 def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
              seed=0, output_dir, summary_writer=None, progress=True, step=0, jit_compile=False, attack_options=None,
-             title=None):
+             title=None, selection=None):
     """Accuracy of `model` under each attack on the first `num_examples` examples of `dataset`.
 
     Args:
@@ -271,8 +311,10 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
       output_dir: where report.json and report.md go (created if needed).
       summary_writer: optional tf.summary writer; scalars eval/<attack>_{accuracy,w_robust,seconds} at `step`.
       progress: show a keras Progbar per attack. jit_compile: XLA for the gradient attacks (one device only; off
-        by default because it was ~10x slower than oneDNN for a small conv net on the 2-core CPU).
+        by default: on the 2-core CPU XLA made conv-net attack loops 2.5-4x slower than oneDNN).
       attack_options: {attack name: extra keyword arguments}, e.g. reduced AutoAttack budgets for tests.
+      selection: how the evaluated model was selected (the "selection" entry of its student.json), kept in the
+        report and stated in report.md.
     Returns the report dict (the content of report.json).
     """
     names = parse_attacks(attacks)
@@ -319,6 +361,7 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
                           "%d values outside [0, 1]): its accuracy is not a valid robustness number.",
                           name, max_perturbation, epsilon, out_of_range)
         results[name] = {"accuracy": float(flags.mean()), "num_correct": int(flags.sum()), "num_examples": n,
+                         "ci95": list(stats.wilson_interval(int(flags.sum()), n)),
                          "seconds": round(seconds, 3), "max_perturbation": max_perturbation, "valid": valid}
         logging.info("%s: accuracy %.2f%% (%d/%d) in %.1f s", DISPLAY_NAMES[name], 100 * flags.mean(),
                      flags.sum(), n, seconds)
@@ -338,12 +381,15 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
                 ", ..." if c["violations"] > len(c["examples"]) else "")
 
     report = {"attacks": results, "epsilon": epsilon, "num_examples": n, "seed": int(seed),
-              "batch_size": int(batch_size), "sanity": sanity}
+              "batch_size": int(batch_size), "sanity": sanity, "per_image": PER_IMAGE_FILE}
+    if selection:
+        report["selection"] = selection
     if attack_options:
         report["attack_options"] = {name: {k: v for k, v in opts.items() if not callable(v)}
                                     for name, opts in attack_options.items()}
-    _write_atomically(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    _write_atomically(os.path.join(output_dir, "report.md"), format_markdown(report, title))
+    write_per_image(os.path.join(output_dir, PER_IMAGE_FILE), correct, labels)  # before the report that names it
+    files.write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    files.write_text(os.path.join(output_dir, "report.md"), format_markdown(report, title))
 
     if summary_writer is not None:
         with summary_writer.as_default():

@@ -47,6 +47,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from mtard_tf import files
+
 SERVING_DEFAULT = "serving_default"
 PREDICT_ENCODED = "predict_encoded"
 IMAGES_INPUT = "images"
@@ -158,27 +160,6 @@ def _write_warmup(path, model_name, height, width, examples):
             writer.write(log.SerializeToString())
 
 
-def _fsync_path(path):
-    """Best effort: flush one file or directory to disk."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root):
-    """Best effort: flush the files of `root` to disk before they become visible under their final name."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            _fsync_path(os.path.join(dirpath, name))
-
-
 def export_model(model: keras.Model, export_dir: str, model_name: str, class_names: list,
                  version: int = None, warmup_examples: int = 1) -> str:
     """Export `model` to `export_dir/model_name/<version>/` and refresh `export_dir/models.config`.
@@ -241,14 +222,14 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
         archive.write_out(tmp_dir, verbose=False)
         if warmup_examples:
             _write_warmup(os.path.join(tmp_dir, WARMUP_FILE), model_name, height, width, int(warmup_examples))
-        _fsync_tree(tmp_dir)
+        files.fsync_tree(tmp_dir)
         if os.path.lexists(final_dir):  # another exporter published this version meanwhile
             raise ValueError(f"version directory {final_dir} appeared during the export; not overwriting it")
         os.replace(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    _fsync_path(model_dir)
+    files.fsync_path(model_dir)
     logging.info("Exported %s version %d to %s", model_name, version, final_dir)
     write_models_config(export_dir)
     return final_dir
@@ -274,18 +255,4 @@ def write_models_config(export_dir: str) -> str:
         entry.name = name
         entry.base_path = base_path
         entry.model_platform = "tensorflow"
-    path = os.path.join(export_dir, MODELS_CONFIG)
-    tmp_path = os.path.join(export_dir, f".{MODELS_CONFIG}.tmp-{os.getpid()}")
-    try:
-        with open(tmp_path, "w") as f:
-            f.write(text_format.MessageToString(config))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        try:
-            os.remove(tmp_path)
-        except OSError:
-            pass
-        raise
-    return path
+    return files.write_text(os.path.join(export_dir, MODELS_CONFIG), text_format.MessageToString(config))

@@ -5,7 +5,7 @@ import sys
 
 from absl import app, flags, logging
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ info/warning chatter; errors still show
+from mtard_tf import startup
 
 FLAGS = flags.FLAGS
 
@@ -17,10 +17,13 @@ STRATEGIES = ("mirrored", "multi_worker")  # training.STRATEGIES (a test checks 
 flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
                   "evaluation, export, each skipped when its output exists; or one of those stages alone.")
 flags.DEFINE_enum("method", "b_mtard", METHOD_NAMES,
-                  "How --mode=all / --mode=distill train the student (SPEC 1.7): b_mtard, mtard (two teachers); "
+                  "How --mode=all / --mode=distill train the student (the methods of the paper's tables): "
+                  "b_mtard, mtard (two teachers); "
                   "ard, rslad, adaad (robust teacher); sat (PGD-AT), trades, natural (no teacher).")
 flags.DEFINE_string("dataset", "cifar10", "tensorflow-datasets image classification dataset name.")
-flags.DEFINE_string("data_dir", None, "tfds data directory holding the prepared dataset (offline use).")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory (default: tfds' own, ~/tensorflow_datasets).")
+flags.DEFINE_boolean("download", True, "Download and prepare the dataset into --data_dir on first use; "
+                     "--nodownload fails at once when it is not there (offline use).")
 flags.DEFINE_string("model_dir", "runs/cifar10", "Where checkpoints, TensorBoard logs and models are written.")
 flags.DEFINE_integer("seed", 0, "Random seed (initialisation, data order, augmentation, attack noise).")
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (multi-replica development).",
@@ -56,7 +59,21 @@ flags.DEFINE_enum("robust_teacher_schedule", "step", ["cosine", "step"], "Learni
 flags.DEFINE_list("clean_teacher_milestones", ["100", "150"], "Step-schedule epochs (x --decay), clean teacher.")
 flags.DEFINE_list("robust_teacher_milestones", ["75", "90"], "Step-schedule epochs (x --decay), robust teacher.")
 
-# Evaluation (SPEC 2) and export (TF Serving).
+# Model selection of the student.
+flags.DEFINE_enum("select", "last", ["last", "best_test", "best_holdout"],
+                  "Which student student.keras is: last (the last epoch's); best_test (the B-MTARD reference's "
+                  "protocol: the best (clean + PGD-TRADES-20)/2 on the test split, at epoch 1, every "
+                  "--select_every_before epochs before the first milestone and every epoch from it; its test figures "
+                  "are optimistic); best_holdout (the same on --holdout_examples train images kept out of training). "
+                  "The last model is kept as student_last.keras.")
+flags.DEFINE_integer("select_every_before", 20, "Selection evaluation every N epochs before the first milestone.",
+                     lower_bound=1)
+flags.DEFINE_integer("select_examples", None, "Images of the selection split evaluated (default: all of it).",
+                     lower_bound=1)
+flags.DEFINE_integer("holdout_examples", 1000, "With --select=best_holdout: the last N train images, kept out of "
+                     "training (teachers trained by this run too) for selection.", lower_bound=1)
+
+# Evaluation (the paper's attacks: FGSM, PGD-SAT, PGD-TRADES, CW-inf, AutoAttack) and export (TF Serving).
 flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on.")
 flags.DEFINE_list("attacks", ["clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack"],
                   "Attacks of the evaluation.")
@@ -67,7 +84,7 @@ flags.DEFINE_string("export_dir", "saved_models", "Root of the TF Serving model 
 flags.DEFINE_string("model_name", "mtard_student", "Model name under --export_dir (TF Serving's model name).")
 flags.DEFINE_integer("model_version", None, "Export version (default: the next free one).", lower_bound=1)
 
-# Training schedule (SPEC 1.5).
+# Training schedule (the paper's CIFAR setting; MTARD-extension resnet18_mtard_cifar10.py).
 flags.DEFINE_integer("epochs", 300, "Training epochs.", lower_bound=1)
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: train examples // batch size).",
                      lower_bound=1)
@@ -87,13 +104,13 @@ flags.DEFINE_enum("jit_compile", "auto", ["auto", "true", "false"],
                   "XLA for the train step; auto: on for a single GPU, off on CPU (slower there) "
                   "and with several replicas (unsupported).")
 
-# Attack (SPEC 1.1).
+# The training attack: PGD on the student's cross-entropy (MTARD mtard/mtard_loss.py).
 flags.DEFINE_float("epsilon", 8 / 255, "L-inf radius of the attack, in [0, 1] pixel units.")
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.")
 flags.DEFINE_float("attack_step_size", 2 / 255, "PGD step size of the training attack.")
 flags.DEFINE_integer("eval_attack_steps", 20, "PGD steps of the end-of-epoch validation attack.", lower_bound=1)
 
-# Balancing (SPEC 1.2-1.4).
+# Balancing: Entropy-Based Balance and Normalization Loss Balance (TPAMI 2024; resnet18_mtard_cifar10.py).
 flags.DEFINE_enum("balance", "b_mtard", ["b_mtard", "mtard"],
                   "b_mtard: entropy-balanced temperatures + normalised loss weights (TPAMI 2024); "
                   "mtard: loss weights with power beta, temperatures fixed at 1 (ECCV 2022).")
@@ -106,7 +123,7 @@ flags.DEFINE_float("beta", 1.0, "Power of the relative loss progress in the weig
 flags.DEFINE_float("kl_scale", 1.0, "Multiplies the distillation KL terms of b_mtard, mtard, rslad and adaad "
                    "(10 in the reference for CIFAR-100).", lower_bound=0.0)
 
-# Baselines (SPEC 1.7), with their papers' defaults; TRADES' beta is --trades_beta.
+# Baselines, with their papers' defaults; TRADES' beta is --trades_beta.
 flags.DEFINE_float("ard_temperature", 30.0, "ARD: distillation temperature tau.", lower_bound=0.0)
 flags.DEFINE_float("ard_alpha", 1.0, "ARD: weight of the tau^2 KL term; 1 - alpha weighs CE on clean images.",
                    lower_bound=0.0, upper_bound=1.0)
@@ -168,7 +185,9 @@ def run_config():
         clean_teacher_milestones=_epochs(FLAGS.clean_teacher_milestones),
         robust_teacher_milestones=_epochs(FLAGS.robust_teacher_milestones), robust_method=FLAGS.robust_method,
         trades_beta=FLAGS.trades_beta, ard_temperature=FLAGS.ard_temperature, ard_alpha=FLAGS.ard_alpha,
-        rslad_adv_weight=FLAGS.rslad_adv_weight, adaad_alpha=FLAGS.adaad_alpha)
+        rslad_adv_weight=FLAGS.rslad_adv_weight, adaad_alpha=FLAGS.adaad_alpha, select=FLAGS.select,
+        select_every_before=FLAGS.select_every_before, select_examples=FLAGS.select_examples,
+        holdout_examples=FLAGS.holdout_examples)
 
 
 def eval_config():
@@ -203,8 +222,11 @@ def run_mode(mode):
         pipeline.run_all(run_config(), eval_config(), export_config(), make_strategy())
     elif mode == "distill":
         config = run_config()
-        path, _ = training.train_student(config, config.method, make_strategy())
+        strategy = make_strategy()
+        path, _ = training.train_student(config, config.method, strategy)
         print(f"student ({config.method}) saved to {path}")
+        if training.is_chief(strategy):
+            pipeline.balance_picture(config)
     elif mode == "train_teacher":
         path, _ = training.train_teacher(run_config(), FLAGS.teacher, make_strategy())
         print(f"{FLAGS.teacher} teacher saved to {path}")
@@ -220,12 +242,15 @@ def run_guarded(argv, body):
     """The common frame of a command: devices, `<model_dir>/flags.txt`, then body(); an error is one line, exit 1."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS["verbosity"].present:
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (tfds) drown the progress bar
-    from mtard_tf import training  # imports TensorFlow; devices are configured right after
+    startup.start_tensorflow(verbose)
+    from mtard_tf import training
     training.set_cpu_replicas(FLAGS.cpu_replicas)
     import keras
     keras.mixed_precision.set_global_policy(FLAGS.precision)  # before any model is built
+    from mtard_tf import data
     from mtard_tf.checkpointing import NonFiniteLossError
     from mtard_tf.data import DataUnavailableError
     from mtard_tf.teachers import TeacherError
@@ -236,6 +261,7 @@ def run_guarded(argv, body):
                 f.write(FLAGS.flags_into_string())
         except OSError as error:
             raise OSError(f"cannot write to --model_dir={FLAGS.model_dir}: {error.strerror or error}") from error
+        data.prepare(FLAGS.dataset, FLAGS.data_dir, FLAGS.download)
         body()
     except (DataUnavailableError, TeacherError, NonFiniteLossError, ValueError, OSError) as error:
         logging.debug("error", exc_info=True)

@@ -1,4 +1,5 @@
-"""Model registry: the students and teachers of the paper (SPEC 1.6) as Keras functional models.
+"""Model registry: the students and teachers of the paper (ResNet-18, MobileNetV2, CIFAR ResNet-56,
+WideResNet-34-10) as Keras functional models.
 
 A model is named by a spec string, `NAME` or `NAME:key=value,key=value` (values are parsed as int, then float,
 then kept as a string), e.g. `resnet18`, `resnet18:width=8,blocks=1`, `cifar_resnet:depth=20`,

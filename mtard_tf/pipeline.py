@@ -13,7 +13,8 @@ import time
 import keras
 import tensorflow as tf
 
-from mtard_tf import data, evaluation, export, teachers, training
+from mtard_tf import data, evaluation, export, files, plot, teachers, training
+from mtard_tf.distiller import BALANCES
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
 
@@ -54,15 +55,32 @@ def teacher_stage(config, kind, strategy):
 
 
 def student_stage(config, strategy):
-    """`<model_dir>/student.keras`, trained now with `config.method` unless it exists (checked, then reused)."""
+    """`<model_dir>/student.keras`, trained now with `config.method` unless it exists (checked, then reused); and
+    the picture of its balancing dynamics for the two-teacher methods."""
     path = os.path.join(config.model_dir, "student.keras")
     if os.path.exists(path):
         info = data.load_info(config.dataset, config.data_dir)
         teachers.load_teacher(path, info.image_shape, info.num_classes)
         print(f"student: using {path}")
-        return path
-    print(f"student: training {path} with {config.method}")
-    return training.train_student(config, config.method, strategy)[0]
+    else:
+        print(f"student: training {path} with {config.method}")
+        path = training.train_student(config, config.method, strategy)[0]
+    if training.is_chief(strategy):
+        balance_picture(config)
+    return path
+
+
+def balance_picture(config):
+    """`<model_dir>/balance.png` (plot.plot_balance) for B-MTARD and MTARD students, unless it is newer than the
+    student; None for methods without balancing state."""
+    if config.method not in BALANCES:
+        return None
+    path = os.path.join(config.model_dir, "balance.png")
+    student = os.path.join(config.model_dir, "student.keras")
+    if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(student):
+        plot.plot_balance(config.model_dir, path)
+        print(f"balancing dynamics: {path}")
+    return path
 
 
 def _report_is_current(report_path, model_path, attacks, num_examples):
@@ -74,6 +92,15 @@ def _report_is_current(report_path, model_path, attacks, num_examples):
     wanted = {name: result for name, result in results.items() if name in attacks}
     return len(wanted) == len(attacks) and all(
         num_examples is None or result.get("num_examples") == num_examples for result in wanted.values())
+
+
+def model_selection(model_path):
+    """The "selection" entry of the summary written beside a trained model (`student.json`), or None."""
+    summary = os.path.splitext(model_path)[0] + ".json"
+    if not os.path.exists(summary):
+        return None
+    with open(summary) as f:
+        return json.load(f).get("selection")
 
 
 def evaluate_stage(config, eval_config, model_path, output_dir, attacks=None, reuse=True):
@@ -93,7 +120,7 @@ def evaluate_stage(config, eval_config, model_path, output_dir, attacks=None, re
         evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.epsilon,
                             num_examples=eval_config.num_examples, batch_size=eval_config.batch_size,
                             seed=config.seed, output_dir=output_dir, summary_writer=writer,
-                            progress=bool(config.verbose))
+                            progress=bool(config.verbose), selection=model_selection(model_path))
         writer.close()
     with open(report_path) as f:
         return json.load(f)
@@ -113,7 +140,7 @@ def export_stage(config, export_config, student_path, reuse=True):
     model = keras.models.load_model(student_path, compile=False)
     path = export.export_model(model, export_config.export_dir, export_config.model_name, list(info.class_names),
                                version=export_config.version)
-    training.write_json(marker, {"student_sha256": digest, "path": path})
+    files.write_json(marker, {"student_sha256": digest, "path": path})
     print(f"export: {path}")
     return path
 

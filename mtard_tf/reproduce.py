@@ -1,26 +1,38 @@
 """The paper's comparison at any scale: python -m mtard_tf.reproduce --flagfile=flags/cpu_small.cfg [--methods=...].
 
-Trains (or reuses) the two teachers once, then one student per method (SPEC 1.7) with the same architecture,
-initialisation, epochs, schedule, seed and data order, evaluates teachers and students with the same attacks
-(SPEC 2), and writes into --model_dir:
+Trains (or reuses) the two teachers once, then one student per method and seed (the methods compared in Zhao et
+al., B-MTARD, TPAMI 2024) with the same architecture, initialisation, data order and teachers, evaluates teachers
+and students with the same attacks (the paper's evaluation protocol), and writes into --model_dir:
 
-    comparison.md    the paper's table: Clean, FGSM, PGD-SAT, PGD-TRADES, CW-inf, AutoAttack, W-Robust
-    comparison.json  the same numbers (and every attack's W-Robust, file paths, wall times)
+    comparison.md    the paper's table: Clean, FGSM, PGD-SAT, PGD-TRADES, CW-inf, AutoAttack, W-Robust, each
+                     accuracy with its 95% Wilson interval (or mean ± std over --seeds), and in bold the students that
+                     differ from B-MTARD at p < 0.05 (exact McNemar test, paired over the same test images)
+    comparison.json  the same numbers (and every attack's W-Robust, per-seed results, the paired tests, the recipes,
+                     file paths, wall times)
     tradeoff.png     clean accuracy against AutoAttack accuracy, one labelled point per model
 
+--recipe=equal trains every method with the same configuration (these flags). --recipe=reference trains each method
+with its reference recipe, `<recipe_dir>/<method>.cfg` (lines `--field=value` overriding training.RunConfig fields),
+whose epochs and milestones, given in the reference's epochs, are scaled by --epochs / 300 (B-MTARD's reference
+trains 300 epochs). --seeds=0,1,2 trains every method's student once per seed; the teachers are shared (--seed).
+
 Layout: `<model_dir>/teachers/{clean,robust}.keras` and `<model_dir>/eval/{clean,robust}_teacher/` (shared with
---mode=all), `<model_dir>/students/<method>/` (student.keras, eval/, tensorboard/, checkpoints/). Every stage whose
-output exists and is valid is reused, and an interrupted training resumes from its last checkpoint, so re-running the
-command continues where it stopped. Every flag of mtard_tf.main applies (`--method` is replaced by `--methods`).
+--mode=all), `<model_dir>/students/<method>/` (student.keras, student.json, eval/, tensorboard/, checkpoints/);
+`students-reference/` instead of `students/` for --recipe=reference, and a `seed<k>/` level below `<method>/` unless
+the only seed is --seed. Every stage whose output exists and is valid is reused, and an interrupted training resumes
+from its last checkpoint, so re-running the command continues where it stopped. Every flag of mtard_tf.main applies
+(`--method` is replaced by `--methods`).
 """
 
 import dataclasses
 import json
 import os
 import time
+import typing
 
 from absl import app, flags
 
+from mtard_tf import files
 from mtard_tf import main as cli  # defines the shared flags
 
 FLAGS = flags.FLAGS
@@ -29,9 +41,141 @@ flags.DEFINE_list("methods", list(cli.METHOD_NAMES), "Student methods to train a
 flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(cli.METHOD_NAMES) and len(set(v)) == len(v),
                          f"--methods must be distinct names from {','.join(cli.METHOD_NAMES)}")
 
+RECIPES = ("equal", "reference")
+flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once per "
+                  "seed (the teachers once, with --seed); comparison.md then shows mean ± std over the seeds and the "
+                  "per-seed tests. Default: --seed.")
+flags.register_validator("seeds", lambda v: v is None or (bool(v) and all(s.strip().isdigit() for s in v)
+                                                          and len({int(s) for s in v}) == len(v)),
+                         "--seeds must be distinct non-negative integers, e.g. --seeds=0,1,2")
+flags.DEFINE_enum("recipe", "equal", RECIPES,
+                  "equal: every method trains with the same configuration (these flags). reference: each method "
+                  "with its reference recipe <recipe_dir>/<method>.cfg (--field=value lines), its epochs and "
+                  "milestones scaled by --epochs / 300.")
+flags.DEFINE_string("recipe_dir", None, "Directory of the --recipe=reference files <method>.cfg (default: "
+                    "flags/methods of this repository).")
+
 TEACHER_METHODS = {"natural": "Natural", "trades": "TRADES", "pgd_at": "SAT"}
 # The attack of the W-Robust column and of the trade-off plot's x axis: the strongest one evaluated.
 ROBUST_PREFERENCE = ("autoattack", "cw", "pgd_trades", "pgd_sat", "fgsm")
+# Every student is tested against this method's student of the same seed (exact McNemar, paired over the images).
+BASELINE = "b_mtard"
+SIGNIFICANCE_LEVEL = 0.05
+RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "methods")
+# The recipes give epochs and milestones in the reference's epochs; B-MTARD's reference trains 300.
+REFERENCE_EPOCHS = 300
+# RunConfig fields a recipe may not set: reproduce sets them for every method alike, or they configure the teachers,
+# which all methods share (trained once with the run's flags).
+_NOT_IN_RECIPES = {
+    "dataset": "the data", "data_dir": "the data", "model_dir": "the output directories", "seed": "the seeds",
+    "method": "the method", "balance": "the method", "student": "the student architecture",
+    "clean_teacher": "the teachers", "robust_teacher": "the teachers", "clean_teacher_arch": "the teachers",
+    "robust_teacher_arch": "the teachers", "clean_teacher_epochs": "the teachers",
+    "robust_teacher_epochs": "the teachers", "teacher_learning_rate": "the teachers",
+    "clean_teacher_schedule": "the teachers", "robust_teacher_schedule": "the teachers",
+    "clean_teacher_milestones": "the teachers", "robust_teacher_milestones": "the teachers",
+    "robust_method": "the teachers", "select": "the model selection", "select_examples": "the model selection",
+    "holdout_examples": "the model selection",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Recipes
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _convert(text, current, annotation):
+    """A recipe value, parsed like the RunConfig field it overrides (by its current value's type)."""
+    if current is None:  # an optional field (e.g. steps_per_epoch): its annotated type, or none
+        if text.strip().lower() in ("", "none"):
+            return None
+        kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [str]
+        current = kinds[0]()
+    if isinstance(current, bool):
+        if text.strip().lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got '{text}'")
+        return text.strip().lower() in ("true", "1")
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        try:
+            return float(text)
+        except ValueError:
+            import fractions
+            return float(fractions.Fraction(text.strip()))  # e.g. 2/255
+    if isinstance(current, tuple):
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    return text
+
+
+def read_recipe(path, config):
+    """{field: value} of a recipe file: `--field=value` lines (blank and `#` lines ignored), each value parsed like
+    the RunConfig field. Raises ValueError naming the file and line for anything else."""
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    overrides = {}
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            where = f"{path}, line {number}"
+            if not line.startswith("--") or "=" not in line:
+                raise ValueError(f"{where}: expected --name=value, got '{line}'")
+            name, text = line[2:].split("=", 1)
+            name = name.strip()
+            if name not in fields:
+                raise ValueError(f"{where}: unknown setting --{name} (not a training.RunConfig field)")
+            if name in _NOT_IN_RECIPES:
+                raise ValueError(f"{where}: --{name} cannot be part of a method's recipe (reproduce sets "
+                                 f"{_NOT_IN_RECIPES[name]} for every method alike)")
+            try:
+                overrides[name] = _convert(text, getattr(config, name), fields[name].type)
+            except ValueError as error:
+                raise ValueError(f"{where}: bad value for --{name}: {error}") from None
+    return overrides
+
+
+def scale_schedule(config, overrides):
+    """(epochs, milestones) of a recipe run with `config.epochs` epochs in place of the reference's 300.
+
+    With scale = config.epochs / 300, the method trains round(recipe epochs x scale) epochs (at least 1; 300 when the
+    recipe gives none), each recipe milestone m becomes round(m x scale); without recipe milestones, the run's
+    milestones are stretched to the method's epochs. Milestones outside [1, epochs) are dropped.
+    """
+    scale = config.epochs / REFERENCE_EPOCHS
+    epochs = max(1, round(overrides.get("epochs", REFERENCE_EPOCHS) * scale))
+    if "milestones" in overrides:
+        milestones = [round(m * scale) for m in overrides["milestones"]]
+    else:
+        milestones = [round(m * epochs / config.epochs) for m in config.milestones]
+    return epochs, tuple(sorted({m for m in milestones if 1 <= m < epochs}))
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def method_recipe(config, method, recipe="equal", recipe_dir=None):
+    """(RunConfig overrides of `method`'s student, the record of the recipe for comparison.json).
+
+    equal: no overrides. reference: `<recipe_dir>/<method>.cfg` (read_recipe) with its schedule scaled
+    (scale_schedule).
+    """
+    if recipe == "equal":
+        return {}, {"name": "equal", "file": None, "overrides": {}, "applied": {}}
+    if recipe != "reference":
+        raise ValueError(f"unknown recipe '{recipe}', expected one of {', '.join(RECIPES)}")
+    path = os.path.join(recipe_dir or RECIPE_DIR, f"{method}.cfg")
+    if not os.path.isfile(path):
+        raise ValueError(f"--recipe=reference: no recipe for method '{method}' ({path} does not exist; give "
+                         "--recipe_dir, or leave the method out of --methods)")
+    overrides = read_recipe(path, config)
+    epochs, milestones = scale_schedule(config, overrides)
+    applied = {**overrides, "epochs": epochs, "milestones": milestones}
+    return applied, {"name": "reference", "file": os.path.abspath(path),
+                     "overrides": {name: _jsonable(value) for name, value in overrides.items()},
+                     "applied": {name: _jsonable(value) for name, value in applied.items()},
+                     "scale": config.epochs / REFERENCE_EPOCHS}
 
 
 def _teacher_row(config, kind, path, report):
@@ -47,16 +191,24 @@ def _teacher_row(config, kind, path, report):
 
 
 def _row(name, role, method, display_name, arch, path, report, metrics_file):
+    from mtard_tf import stats
+
     attacks = report["attacks"]
     row = {"name": name, "role": role, "method": method, "display_name": display_name, "model": arch,
            "path": path, "num_examples": attacks["clean"]["num_examples"],
            "accuracy": {attack: result["accuracy"] for attack, result in attacks.items()},
            "w_robust": {attack: result["w_robust"] for attack, result in attacks.items()},
+           "ci95": {attack: list(result.get("ci95") or stats.wilson_interval(result["num_correct"],
+                                                                                 result["num_examples"]))
+                    for attack, result in attacks.items()},
            "eval_seconds": round(sum(result["seconds"] for result in attacks.values()), 1),
            "sanity_violations": report.get("sanity", {}).get("violations")}
     if os.path.exists(metrics_file):
         with open(metrics_file) as f:
-            row["train_seconds"] = json.load(f).get("train_seconds")
+            metrics = json.load(f)
+        row["train_seconds"] = metrics.get("train_seconds")
+        if metrics.get("selection") is not None:  # which epoch's weights student.keras holds, when selected
+            row["selection"] = metrics["selection"]
     return row
 
 
@@ -65,22 +217,110 @@ def robust_attack(attacks):
     return next((name for name in ROBUST_PREFERENCE if name in attacks), None)
 
 
-def student_config(config, method):
-    """The run configuration of one method's student: its own directory under `<model_dir>/students/`."""
+def student_dir(model_dir, method, recipe="equal", seed=None):
+    """`<model_dir>/students/<method>` (`students-<recipe>/` for a recipe other than equal), `/seed<seed>` below
+    it when a seed is given (runs of several seeds)."""
+    path = os.path.join(model_dir, "students" if recipe == "equal" else f"students-{recipe}", method)
+    return path if seed is None else os.path.join(path, f"seed{seed}")
+
+
+def student_config(config, method, seed=None, recipe="equal"):
+    """The run configuration of one method's student, in its own directory (student_dir); `seed` (None: the
+    config's, in the directory without a seed level) sets initialisation, data order and attack noise."""
     from mtard_tf.distiller import BALANCES
-    return dataclasses.replace(config, model_dir=os.path.join(config.model_dir, "students", method), method=method,
-                               balance=method if method in BALANCES else config.balance)
+    return dataclasses.replace(config, model_dir=student_dir(config.model_dir, method, recipe, seed), method=method,
+                               balance=method if method in BALANCES else config.balance,
+                               seed=config.seed if seed is None else int(seed))
 
 
-def reproduce(config, eval_config, methods, strategy):
-    """Teachers, one student per method, evaluation of all; writes comparison.{md,json} and tradeoff.png.
+def _evaluate(timed, name, config, eval_config, model_path, output_dir):
+    """pipeline.evaluate_stage, re-evaluating a report written before the per-image flags existed."""
+    from mtard_tf import evaluation, pipeline
+    reuse = os.path.exists(os.path.join(output_dir, evaluation.PER_IMAGE_FILE))
+    return timed(name, pipeline.evaluate_stage, config, eval_config, model_path, output_dir, reuse=reuse)
 
-    Returns the comparison (the content of comparison.json).
+
+def _per_image_flags(eval_dir, attacks):
+    """({attack: bool flags}, labels) of the evaluation in `eval_dir`, checked against its report.json."""
+    from mtard_tf import evaluation
+    flags_by_attack, labels = evaluation.read_per_image(eval_dir)
+    with open(os.path.join(eval_dir, "report.json")) as f:
+        results = json.load(f)["attacks"]
+    for attack in attacks:
+        if attack not in flags_by_attack or int(flags_by_attack[attack].sum()) != results[attack]["num_correct"]:
+            raise ValueError(f"{os.path.join(eval_dir, evaluation.PER_IMAGE_FILE)} does not match report.json for "
+                             f"{attack}; re-run the evaluation (delete {os.path.join(eval_dir, 'report.json')} and "
+                             "run the command again)")
+    return flags_by_attack, labels
+
+
+def paired_tests(eval_dir, baseline_eval_dir, attacks):
+    """{attack: stats.mcnemar_exact(model flags, baseline flags)} from two evaluations of the same images."""
+    from mtard_tf import stats
+    flags_a, labels_a = _per_image_flags(eval_dir, attacks)
+    flags_b, labels_b = _per_image_flags(baseline_eval_dir, attacks)
+    if labels_a.shape != labels_b.shape or not (labels_a == labels_b).all():
+        raise ValueError(f"the evaluations in {eval_dir} and {baseline_eval_dir} are not of the same test images "
+                         f"({len(labels_a)} and {len(labels_b)} labels, not equal): re-run them with the same "
+                         "--num_eval_examples")
+    return {attack: stats.mcnemar_exact(flags_a[attack], flags_b[attack]) for attack in attacks}
+
+
+def _tested_attacks(attacks):
+    strongest = robust_attack(attacks)
+    return ["clean"] + ([strongest] if strongest else [])
+
+
+def _student_row(method, display_name, arch, runs, recipe):
+    """One method's row from its per-seed rows {seed: row}: mean and std over seeds; the single seed's ci95 and
+    paired tests when there is one seed."""
+    from mtard_tf import stats
+
+    first = next(iter(runs.values()))
+    attacks = list(first["accuracy"])
+    mean, std = {"accuracy": {}, "w_robust": {}}, {"accuracy": {}, "w_robust": {}}
+    for attack in attacks:
+        mean["accuracy"][attack], std["accuracy"][attack] = stats.mean_std(
+            run["accuracy"][attack] for run in runs.values())
+        _, std["w_robust"][attack] = stats.mean_std(run["w_robust"][attack] for run in runs.values())
+    for attack in attacks:  # W-Robust of the mean accuracies (= the mean W-Robust)
+        mean["w_robust"][attack] = (first["w_robust"][attack] if len(runs) == 1 else
+                                    (mean["accuracy"]["clean"] + mean["accuracy"][attack]) / 2.0)
+    train_seconds = [run.get("train_seconds") for run in runs.values()]
+    violations = [run.get("sanity_violations") for run in runs.values()]
+    row = {"name": method, "role": "student", "method": method, "display_name": display_name, "model": arch,
+           "path": first["path"], "num_examples": first["num_examples"],
+           "accuracy": dict(mean["accuracy"]), "w_robust": dict(mean["w_robust"]), "mean": mean, "std": std,
+           "eval_seconds": round(sum(run["eval_seconds"] for run in runs.values()), 1),
+           "sanity_violations": None if None in violations else sum(violations), "recipe": recipe,
+           "seeds": {str(seed): run for seed, run in runs.items()}}
+    if None not in train_seconds:
+        row["train_seconds"] = round(sum(train_seconds), 1)
+    if len(runs) == 1:
+        row["ci95"] = first["ci95"]
+        if "selection" in first:
+            row["selection"] = first["selection"]
+    return row
+
+
+def reproduce(config, eval_config, methods, strategy, seeds=None, recipe="equal", recipe_dir=None):
+    """Teachers, one student per method and seed, evaluation of all; writes comparison.{md,json} and tradeoff.png.
+
+    seeds: the students' seeds (default: config.seed alone); the teachers are trained and evaluated once, with
+    config.seed. recipe: "equal" (every method trains with `config`) or "reference" (each method with
+    `<recipe_dir>/<method>.cfg` on top of `config`, see method_recipe). Every student is compared with the B-MTARD
+    student of the same seed (exact McNemar test on the clean and the strongest attack's per-image flags) when
+    b_mtard is among `methods`. Returns the comparison (the content of comparison.json).
     """
     from mtard_tf import baselines, pipeline
 
     for method in methods:
         baselines.get_method(method)  # an unknown name fails before hours of training
+    seeds = tuple(int(seed) for seed in seeds) if seeds else (config.seed,)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the seeds must be distinct, got {list(seeds)}")
+    seed_dirs = seeds != (config.seed,)  # a seed level in the student directories
+    recipes = {method: method_recipe(config, method, recipe, recipe_dir) for method in methods}  # errors first
     start = time.time()
     timed = pipeline.StageTimer()
     clean_path = timed("clean teacher", pipeline.teacher_stage, config, "clean", strategy)
@@ -88,24 +328,54 @@ def reproduce(config, eval_config, methods, strategy):
     teacher_config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
     rows = []
     for kind, path in (("clean", clean_path), ("robust", robust_path)):
-        report = timed(f"evaluate {kind} teacher", pipeline.evaluate_stage, config, eval_config, path,
-                       os.path.join(config.model_dir, "eval", f"{kind}_teacher"))
+        report = _evaluate(timed, f"evaluate {kind} teacher", config, eval_config, path,
+                           os.path.join(config.model_dir, "eval", f"{kind}_teacher"))
         rows.append(_teacher_row(config, kind, path, report))
+    eval_dirs = {}  # (method, seed) -> evaluation directory
     for method in methods:
-        method_config = student_config(teacher_config, method)
-        print(f"== {method} ==")
-        path = timed(f"student {method}", pipeline.student_stage, method_config, strategy)
-        report = timed(f"evaluate {method}", pipeline.evaluate_stage, method_config, eval_config, path,
-                       os.path.join(method_config.model_dir, "eval"))
-        rows.append(_row(method, "student", method, baselines.METHODS[method].display_name, config.student, path,
-                         report, os.path.join(method_config.model_dir, "student.json")))
+        overrides, recipe_record = recipes[method]
+        runs = {}
+        for seed in seeds:
+            method_config = student_config(dataclasses.replace(teacher_config, **overrides), method,
+                                           seed if seed_dirs else None, recipe)
+            label = f"{method}, seed {seed}" if seed_dirs else method
+            print(f"== {label} ==" + (f" (recipe {recipe_record['file']})" if recipe_record["file"] else ""))
+            path = timed(f"student {label}", pipeline.student_stage, method_config, strategy)
+            eval_dirs[method, seed] = os.path.join(method_config.model_dir, "eval")
+            # Every model is evaluated in the run's threat model, whatever radius its recipe trained with.
+            report = _evaluate(timed, f"evaluate {label}", dataclasses.replace(method_config, epsilon=config.epsilon),
+                               eval_config, path, eval_dirs[method, seed])
+            run = _row(method, "student", method, baselines.METHODS[method].display_name, config.student, path,
+                       report, os.path.join(method_config.model_dir, "student.json"))
+            runs[seed] = {"seed": seed, "model_dir": method_config.model_dir, "epochs": method_config.epochs,
+                          **{key: run[key] for key in ("path", "num_examples", "accuracy", "w_robust", "ci95",
+                                                       "eval_seconds", "sanity_violations", "train_seconds",
+                                                       "selection") if key in run}}
+        rows.append(_student_row(method, baselines.METHODS[method].display_name, config.student, runs,
+                                 recipe_record))
 
     attacks = [name for name in rows[0]["accuracy"]]
+    tested = _tested_attacks(attacks)
+    baseline = BASELINE if BASELINE in methods else None
+    for row in rows:
+        if row["role"] != "student" or baseline is None or row["method"] == baseline:
+            continue
+        for seed in seeds:
+            row["seeds"][str(seed)]["vs_b_mtard"] = paired_tests(eval_dirs[row["method"], seed],
+                                                                 eval_dirs[baseline, seed], tested)
+        if len(seeds) == 1:
+            row["vs_b_mtard"] = row["seeds"][str(seeds[0])]["vs_b_mtard"]
     comparison = {
-        "dataset": config.dataset, "seed": config.seed, "epsilon": config.epsilon, "student": config.student,
-        "epochs": config.epochs, "steps_per_epoch": config.steps_per_epoch, "batch_size": config.batch_size,
-        "num_examples": rows[0]["num_examples"], "attacks": attacks, "w_robust_attack": robust_attack(attacks),
-        "methods": list(methods), "rows": rows,
+        "dataset": config.dataset, "seed": config.seed, "seeds": list(seeds), "epsilon": config.epsilon,
+        "student": config.student, "epochs": config.epochs, "steps_per_epoch": config.steps_per_epoch,
+        "batch_size": config.batch_size, "num_examples": rows[0]["num_examples"], "attacks": attacks,
+        "w_robust_attack": robust_attack(attacks), "methods": list(methods),
+        "recipe": {"name": recipe, "dir": os.path.abspath(recipe_dir or RECIPE_DIR) if recipe != "equal" else None,
+                   "reference_epochs": REFERENCE_EPOCHS if recipe != "equal" else None},
+        "confidence_interval": "95% Wilson score interval",
+        "significance": {"baseline": baseline, "attacks": tested, "level": SIGNIFICANCE_LEVEL,
+                         "test": "two-sided exact McNemar test, paired over the same test images, per seed"},
+        "rows": rows,
         "stage_seconds": {name: round(seconds, 1) for name, seconds in timed.seconds.items()},
         "wall_seconds": round(time.time() - start, 1),
     }
@@ -121,43 +391,176 @@ def _percent(value):
     return "–" if value is None else f"{100 * value:.2f}"
 
 
+def _setting(value):
+    """A recipe value as on a command line: lists comma-separated ('none' when empty)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value) or "none"
+    return str(value)
+
+
+def _p_value(p):
+    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+
+
+def _signed_points(difference):
+    return f"{100 * difference:+.2f}"
+
+
+def _selection_lines(rows):
+    """'Model selection: ...' lines from the students' student.json "selection" entries (absent: none)."""
+    groups = {}  # (mode, split, criterion) -> ["SAT epoch 3", ...]
+    for row in rows:
+        if row["role"] != "student":
+            continue
+        for seed, run in row.get("seeds", {"": row}).items():
+            selection = run.get("selection")
+            if not isinstance(selection, dict):
+                continue
+            key = (selection.get("mode"), selection.get("split"), selection.get("metric_name"))
+            where = row["display_name"] + (f" seed {seed}" if len(row.get("seeds", {})) > 1 else "")
+            if selection.get("epoch") is not None:
+                where += f" epoch {selection['epoch']}"
+            groups.setdefault(key, []).append(where)
+    lines = []
+    for (mode, split, metric_name), where in groups.items():
+        if mode == "last":
+            text = "Model selection: none, the last epoch's model"
+        else:
+            text = f"Model selection: {mode or 'unspecified'}"
+            text += f" {metric_name}" if metric_name else ""
+            text += f" on the {split} split" if split else ""
+        text += f" ({', '.join(where)})"
+        if mode == "best_test" or split == "test":
+            text += " — test-selected numbers are optimistic"
+        lines.append(text + ".")
+    return lines
+
+
 def format_markdown(comparison):
-    """The paper's table layout: one row per model, accuracy (%) per attack and W-Robust; best student in bold."""
-    from mtard_tf.evaluation import DISPLAY_NAMES
+    """The paper's table layout: one row per model, accuracy (%) per attack and W-Robust.
+
+    One seed: each accuracy with its 95% Wilson interval, in bold where the student differs from B-MTARD at
+    p < 0.05 (exact McNemar test), then the paired differences. Several seeds: students' mean ± std over the seeds,
+    then a per-seed table (intervals, bold as above) and the per-seed paired differences.
+    """
+    from mtard_tf.evaluation import DISPLAY_NAMES, format_accuracy
 
     attacks, rows = comparison["attacks"], comparison["rows"]
     w_attack = comparison["w_robust_attack"]
-    columns = [(DISPLAY_NAMES.get(a, a), lambda r, a=a: r["accuracy"].get(a)) for a in attacks]
-    if w_attack:
-        columns.append(("W-Robust", lambda r: r["w_robust"].get(w_attack)))
+    seeds = comparison.get("seeds") or [comparison["seed"]]
+    several = len(seeds) > 1
+    significance = comparison.get("significance") or {}
+    baseline, tested = significance.get("baseline"), significance.get("attacks") or []
+    level = significance.get("level", SIGNIFICANCE_LEVEL)
+    recipe = comparison.get("recipe") or {"name": "equal"}
     students = [r for r in rows if r["role"] == "student"]
-    best = [max((value(r) for r in students if value(r) is not None), default=None) for _, value in columns]
+    baseline_name = next((r["display_name"] for r in students if r["method"] == baseline), "B-MTARD")
+
+    def significant(run, attack):
+        test = (run.get("vs_b_mtard") or {}).get(attack)
+        return test is not None and test["p_value"] < level
+
+    def cells(run, role, spread=None):
+        """Accuracy cells of one evaluation: with CIs, or mean ± std (`spread`); bold where significant."""
+        out = []
+        for attack in attacks:
+            if spread is not None:
+                std = spread["accuracy"].get(attack)
+                text = _percent(run["accuracy"].get(attack)) + (f" ± {100 * std:.2f}" if std is not None else "")
+            else:
+                ci95 = (run.get("ci95") or {}).get(attack)
+                text = format_accuracy(run["accuracy"][attack], ci95)
+                if role == "student" and significant(run, attack):
+                    text = f"**{text}**"
+            out.append(text)
+        if w_attack:
+            text = _percent(run["w_robust"].get(w_attack))
+            if spread is not None and spread["w_robust"].get(w_attack) is not None:
+                text += f" ± {100 * spread['w_robust'][w_attack]:.2f}"
+            out.append(text)
+        return out
+
+    names = [DISPLAY_NAMES.get(a, a) for a in attacks] + (["W-Robust"] if w_attack else [])
     steps, epochs = comparison["steps_per_epoch"], comparison["epochs"]
     schedule = f"{epochs} epoch{'s' * (epochs != 1)}" + (f" of {steps} step{'s' * (steps != 1)}" if steps else "")
-    lines = [f"# Student training methods compared, {comparison['dataset']}", "",
-             f"Student {comparison['student']}, {schedule} of {comparison['batch_size']} images, seed "
-             f"{comparison['seed']}; the same initialisation, data order and attack budget for every method. "
-             f"Accuracy (%) on the first {comparison['num_examples']} test images, L∞ ε = "
+    seed_text = (f"seeds {', '.join(map(str, seeds))} (teachers: seed {comparison['seed']})" if several
+                 else f"seed {seeds[0]}")
+    if recipe["name"] == "reference":
+        per_epoch = f", {steps} step{'s' * (steps != 1)} per epoch" if steps else ""
+        recipe_text = (f"Recipe **reference**: each method trains with its reference recipe ({recipe.get('dir')}/"
+                       f"<method>.cfg), its epochs and milestones scaled by {epochs}/{recipe.get('reference_epochs')}"
+                       f" (this run's --epochs over the {recipe.get('reference_epochs')} epochs of B-MTARD's "
+                       f"reference; the settings applied are listed below); the same student "
+                       f"{comparison['student']}, teachers, initialisation and data order{per_epoch}, {seed_text}.")
+    else:
+        recipe_text = (f"Recipe **equal**: student {comparison['student']}, {schedule} of "
+                       f"{comparison['batch_size']} images, {seed_text}; the same initialisation, data order, "
+                       "schedule and attack budget for every method.")
+    lines = [f"# Student training methods compared, {comparison['dataset']} (recipe: {recipe['name']})", "",
+             recipe_text + f" Accuracy (%) on the first {comparison['num_examples']} test images, L∞ ε = "
              f"{comparison['epsilon'] * 255:.4g}/255.", "",
-             "| Model | Method | " + " | ".join(name for name, _ in columns) + " |",
-             "|---|---|" + "---:|" * len(columns)]
+             "| Model | Method | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
     for row in rows:
-        cells = []
-        for (_, value), top in zip(columns, best):
-            text = _percent(value(row))
-            if row["role"] == "student" and top is not None and value(row) == top and len(students) > 1:
-                text = f"**{text}**"
-            cells.append(text)
         role = "Teacher" if row["role"] == "teacher" else "Student"
-        lines.append(f"| {role} ({row['model']}) | {row['display_name']} | " + " | ".join(cells) + " |")
+        spread = row.get("std") if several and row["role"] == "student" else None
+        body = cells(row, row["role"], spread) if spread is None else cells(row["mean"], row["role"], spread)
+        lines.append(f"| {role} ({row['model']}) | {row['display_name']} | " + " | ".join(body) + " |")
     lines.append("")
+    tested_names = " and ".join(DISPLAY_NAMES.get(a, a) for a in tested)
+    bold = (f"**Bold**: differs from {baseline_name} at p < {level:g} (two-sided exact McNemar test on "
+            f"{tested_names}, paired over the same test images"
+            + (", same seed)." if several else ").")) if baseline else (
+        "No significance tests: B-MTARD is not among the methods.")
+    if several:
+        lines.append(f"Students: mean ± sample standard deviation over {len(seeds)} seeds; teachers (one run): "
+                     "accuracy [95% Wilson confidence interval]. Per-seed intervals and tests below.")
+    else:
+        lines.append("Accuracy [95% Wilson confidence interval over the test images]. " + bold)
     if w_attack:
         lines.append(f"W-Robust = (Clean + {DISPLAY_NAMES.get(w_attack, w_attack)}) / 2 (every attack's W-Robust "
-                     "is in comparison.json). Bold: the best student in each column.")
+                     "is in comparison.json).")
+
+    if several:
+        lines += ["", "## Per seed", "", "| Seed | Method | " + " | ".join(names) + " |",
+                  "|---|---|" + "---:|" * len(names)]
+        for seed in seeds:
+            for row in students:
+                run = row["seeds"][str(seed)]
+                lines.append(f"| {seed} | {row['display_name']} | " + " | ".join(cells(run, "student")) + " |")
+        lines += ["", "Accuracy [95% Wilson confidence interval]. " + bold]
+
+    compared = [(seed, row, run) for seed in seeds for row in students
+                for run in [row["seeds"][str(seed)] if "seeds" in row else row] if run.get("vs_b_mtard")]
+    if compared:
+        lines += ["", f"## Paired differences to {baseline_name}", "",
+                  ("| Seed " if several else "") + "| Method | " + " | ".join(
+                      DISPLAY_NAMES.get(a, a) for a in tested) + " |",
+                  ("|---" if several else "") + "|---|" + "---:|" * len(tested)]
+        for seed, row, run in compared:
+            out = []
+            for attack in tested:
+                test = run["vs_b_mtard"][attack]
+                text = (f"{_signed_points(test['difference'])} pp, p = {_p_value(test['p_value'])} "
+                        f"({test['a_only']} vs {test['b_only']})")
+                out.append(f"**{text}**" if test["p_value"] < level else text)
+            lines.append((f"| {seed} " if several else "") + f"| {row['display_name']} | " + " | ".join(out) + " |")
+        lines += ["", f"Difference of accuracy to {baseline_name} in percentage points; p: two-sided exact McNemar "
+                  f"test; (x vs y): images only this method / only {baseline_name} gets right (the only images the "
+                  "test uses)."]
+
+    if recipe["name"] == "reference":
+        lines += ["", "Recipes applied (after scaling):", ""]
+        for row in students:
+            record = row.get("recipe") or {}
+            applied = ", ".join(f"{name}={_setting(value)}" for name, value in (record.get("applied") or {}).items())
+            lines.append(f"- {row['display_name']} ({os.path.basename(record.get('file') or '-')}): "
+                         f"{applied or 'no overrides'}")
+    for line in _selection_lines(rows):
+        lines += ["", line]
     timings = [f"{r['name']} {_duration(r['train_seconds'])}" for r in rows if r.get("train_seconds") is not None]
     if timings:
         lines.append("")
-        lines.append("Training wall time: " + ", ".join(timings) + ".")
+        lines.append("Training wall time" + (" (all seeds)" if several else "") + ": " + ", ".join(timings) + ".")
     violations = [r["name"] for r in rows if r.get("sanity_violations")]
     if violations:
         lines.append("")
@@ -193,29 +596,26 @@ def plot_tradeoff(comparison, path):
     axes.margins(x=0.25, y=0.1)
     axes.set_xlabel(f"{DISPLAY_NAMES.get(attack, attack)} accuracy (%)")
     axes.set_ylabel("Clean accuracy (%)")
+    several = len(comparison.get("seeds") or ()) > 1
     axes.set_title(f"Clean vs robust accuracy, {comparison['dataset']}, first {comparison['num_examples']} test "
-                   "images", fontsize=10)
+                   "images" + (f"\n(students: mean over {len(comparison['seeds'])} seeds)" if several else ""),
+                   fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=8)
     figure.tight_layout()
-    temporary = os.path.join(os.path.dirname(os.path.abspath(path)), f".partial-{os.getpid()}-tradeoff.png")
     try:
-        figure.savefig(temporary, format="png")
-        os.replace(temporary, path)
+        with files.atomic_file(path, "wb") as f:
+            figure.savefig(f, format="png")
     finally:
         plt.close(figure)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 
 def write_comparison(model_dir, comparison):
-    from mtard_tf import evaluation, training
-
     os.makedirs(model_dir, exist_ok=True)
-    training.write_json(os.path.join(model_dir, "comparison.json"), comparison)
+    files.write_json(os.path.join(model_dir, "comparison.json"), comparison)
     markdown = format_markdown(comparison)
-    evaluation._write_atomically(os.path.join(model_dir, "comparison.md"), markdown)
+    files.write_text(os.path.join(model_dir, "comparison.md"), markdown)
     plot_tradeoff(comparison, os.path.join(model_dir, "tradeoff.png"))
     print(markdown)
     names = ("comparison.md", "comparison.json", "tradeoff.png")
@@ -228,7 +628,9 @@ def _run():
         # collective for as long as an AutoAttack takes.
         raise ValueError("reproduce runs with --strategy=mirrored only (train a single method on several workers "
                          "with mtard_tf.main --strategy=multi_worker)")
-    reproduce(cli.run_config(), cli.eval_config(), tuple(FLAGS.methods), cli.make_strategy())
+    seeds = tuple(int(seed) for seed in FLAGS.seeds) if FLAGS.seeds else None
+    reproduce(cli.run_config(), cli.eval_config(), tuple(FLAGS.methods), cli.make_strategy(), seeds=seeds,
+              recipe=FLAGS.recipe, recipe_dir=FLAGS.recipe_dir)
 
 
 def main(argv):

@@ -3,7 +3,8 @@
 import keras
 import tensorflow as tf
 
-# The distiller's per-step tags: the balancing dynamics (SPEC 1.2-1.4) and the learning rate.
+# The distiller's per-step tags: the balancing dynamics (temperatures, loss weights, losses, entropies) and the
+# learning rate.
 STEP_TAGS = ("loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
              "entropy_adv", "entropy_nat", "learning_rate")
 EPOCH_TAGS = ("clean_accuracy", "pgd_accuracy")

@@ -53,13 +53,13 @@ class NaturalTrainer(Trainer):
         images, labels = data
         learning_rate = self.current_learning_rate()
         with tf.GradientTape() as tape:
-            per_example = losses.cross_entropy(labels, self.model(images, training=True))
+            per_example = losses.natural_loss(labels, self.model(images, training=True))
         self.minimize(tape, per_example)
         return self.step_logs(learning_rate, loss=per_example)
 
 
 class AdversarialTrainer(Trainer):
-    """Adversarial training of the robust teacher (SPEC 1.7).
+    """Adversarial training of the robust teacher, and the `sat` / `trades` baselines.
 
     pgd_at (SAT, Madry et al.): CE(f(x'), y), x' = PGD on CE from a uniform random start.
     trades (Zhang et al.):      CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximises that KL from x + 0.001 N(0, I).
@@ -82,7 +82,7 @@ class AdversarialTrainer(Trainer):
             start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
             images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
             with tf.GradientTape() as tape:
-                per_example = losses.cross_entropy(labels, self.model(images_adv, training=True))
+                per_example = losses.sat_loss(labels, self.model(images_adv, training=True))
             self.minimize(tape, per_example)
             return self.step_logs(learning_rate, loss=per_example)
 
@@ -91,8 +91,9 @@ class AdversarialTrainer(Trainer):
                                  images, attacks.normal_start(images, self.attack_noise(images)))
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
-            natural = losses.cross_entropy(labels, logits)
-            robust = losses.kl_divergence(logits, self.model(images_adv, training=True))
-            per_example = natural + self.trades_beta * robust
+            adv_logits = self.model(images_adv, training=True)
+            per_example = losses.trades_loss(labels, logits, adv_logits, self.trades_beta)
         self.minimize(tape, per_example)
+        natural = losses.cross_entropy(labels, logits)
+        robust = losses.kl_divergence(logits, adv_logits)
         return self.step_logs(learning_rate, loss=per_example, cross_entropy=natural, kl_robust=robust)

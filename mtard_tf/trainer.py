@@ -1,10 +1,10 @@
 """Base keras.Model for every adversarial training method: what a step needs besides the method's own loss.
 
 A subclass writes `train_step` top to bottom like its paper's algorithm box, and uses:
-  - `attack_noise` / `attack`: the PGD of SPEC 1.1 with replica-independent random starts;
+  - `attack_noise` / `attack`: the training PGD (MTARD mtard/mtard_loss.py) with replica-independent random starts;
   - `minimize`: the SGD update of per-example losses, correctly scaled across replicas, with PyTorch-style
     (coupled) L2 weight decay;
-  - the shared `test_step`: clean accuracy and, if `eval_attack_steps` > 0, PGD-SAT accuracy (SPEC 2).
+  - the shared `test_step`: clean accuracy and, if `eval_attack_steps` > 0, PGD-SAT accuracy.
 """
 
 import keras
@@ -56,9 +56,12 @@ class Trainer(keras.Model):
         self.eval_step_size = float(eval_step_size)
         self.seed = int(seed)
         self.state_names = []
-        self.eval_batches = self.add_state("eval_batches", 0.0)  # seeds the evaluation attack's random start
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.pgd_accuracy = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
+        # Batches of the current evaluation so far: Keras resets every tracker in `metrics` when an evaluation
+        # starts, so the validation attack's random start is a function of (seed, optimizer step, batch) and nothing
+        # a validation advances needs to be checkpointed (a run killed at any point resumes exactly).
+        self.validation_batches = keras.metrics.Sum(name="validation_batches")
 
     def add_state(self, name, value):
         """A float32 scalar the step updates identically on every replica (checkpointed with the model)."""
@@ -71,7 +74,8 @@ class Trainer(keras.Model):
 
     @property
     def metrics(self):
-        return [self.clean_accuracy, self.pgd_accuracy] if self.eval_attack_steps else [self.clean_accuracy]
+        accuracies = [self.clean_accuracy, self.pgd_accuracy] if self.eval_attack_steps else [self.clean_accuracy]
+        return accuracies + [self.validation_batches]
 
     def call(self, images, training=False):
         return self.model(images, training=training)
@@ -145,15 +149,17 @@ class Trainer(keras.Model):
         return logs
 
     def test_step(self, data):
-        """Clean accuracy, and PGD-SAT accuracy (uniform start, step 2/255, CE; SPEC 2) when eval_attack_steps > 0."""
+        """Clean accuracy, and PGD-SAT accuracy (uniform start, step 2/255, CE) when eval_attack_steps > 0."""
         images, labels = data
         images = tf.cast(images, tf.float32)
         self.clean_accuracy.update_state(labels, self.model(images, training=False))
         if self.eval_attack_steps:
-            seed = tf.stack([tf.cast(self.seed, tf.int64) * 1000 + 999, tf.cast(self.eval_batches, tf.int64)])
-            self.eval_batches.assign_add(1.0)
+            seed = tf.random.experimental.stateless_fold_in(
+                tf.stack([tf.cast(self.seed, tf.int64) * 1000 + 999, tf.cast(self.optimizer.iterations, tf.int64)]),
+                tf.cast(self.validation_batches.result(), tf.int64))
+            self.validation_batches.update_state(1.0)
             start = attacks.uniform_start(images, replica_noise(symmetric_uniform, images, seed), self.epsilon)
             images_adv = attacks.pgd(self.cross_entropy_objective(labels), images, start, epsilon=self.epsilon,
                                      step_size=self.eval_step_size, steps=self.eval_attack_steps)
             self.pgd_accuracy.update_state(labels, self.model(images_adv, training=False))
-        return {metric.name: metric.result() for metric in self.metrics}
+        return {metric.name: metric.result() for metric in self.metrics if metric is not self.validation_batches}

@@ -11,7 +11,7 @@ import time
 import keras
 import tensorflow as tf
 
-from mtard_tf import baselines, checkpointing, data, models, summaries, teachers
+from mtard_tf import baselines, checkpointing, data, evaluation, files, models, summaries, teachers
 from mtard_tf.schedules import MilestoneDecay
 
 
@@ -77,22 +77,15 @@ def barrier(strategy):
 
 
 def save_model_atomic(model, path):
-    """model.save to a temporary .keras name in the same directory, then rename: never a half-written file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".partial-{os.getpid()}-{os.path.basename(path)}")
-    try:
+    """model.save, complete or absent (files.atomic_path)."""
+    with files.atomic_path(path) as temporary:
         model.save(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path
 
 
 @dataclasses.dataclass
 class RunConfig:
-    """Everything a run needs; defaults are the paper's CIFAR-10 setting (SPEC 1.5-1.7)."""
+    """Everything a run needs; defaults are the paper's CIFAR-10 setting (MTARD-extension resnet18_mtard_cifar10.py)."""
     dataset: str = "cifar10"
     data_dir: str | None = None
     model_dir: str = "runs/cifar10"
@@ -105,7 +98,7 @@ class RunConfig:
     sync_batchnorm: bool = False
     checkpoint_every_n_steps: int = 0  # 0: at the end of every epoch only
     verbose: int = 1
-    # Attack of training (SPEC 1.1) and of the per-epoch validation (PGD-SAT, SPEC 2).
+    # Attack of training (PGD on the student's CE) and of the per-epoch validation (PGD-SAT, 20 steps).
     epsilon: float = 8 / 255
     attack_steps: int = 10
     attack_step_size: float = 2 / 255
@@ -114,7 +107,7 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 2e-4
     decay: float = 0.1
-    # The student (SPEC 1.2-1.7): `method` is one of baselines.METHOD_NAMES; `balance` is what `distill` uses
+    # The student: `method` is one of baselines.METHOD_NAMES; `balance` is what `distill` uses
     # (b_mtard / mtard), kept equal to `method` by the command line when the method is one of those two.
     method: str = "b_mtard"
     student: str = "resnet18"
@@ -130,7 +123,7 @@ class RunConfig:
     temperature_max: float = 10.0
     beta: float = 1.0
     kl_scale: float = 1.0
-    # Baselines (SPEC 1.7; the papers' defaults).
+    # Baselines (the papers' defaults).
     ard_temperature: float = 30.0
     ard_alpha: float = 1.0
     rslad_adv_weight: float = 5 / 6
@@ -147,9 +140,19 @@ class RunConfig:
     robust_teacher_milestones: tuple = (75, 90)
     robust_method: str = "trades"
     trades_beta: float = 6.0
+    # Model selection of the student (see select_epochs): last, best_test or best_holdout.
+    select: str = "last"
+    select_every_before: int = 20
+    select_examples: int | None = None  # None: the whole selection split
+    holdout_examples: int = 1000  # held out of training with select="best_holdout"
 
 
-def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy):
+def held_out(config):
+    """How many train examples this run keeps out of training (for best_holdout selection)."""
+    return config.holdout_examples if config.select == "best_holdout" else 0
+
+
+def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=()):
     """model.fit for `epochs` x `steps_per_epoch` steps, resumable at any step, with everything under `work_dir`.
 
     Checkpoints (`checkpoints/`, every epoch and every `config.checkpoint_every_n_steps`) hold the model, the
@@ -168,6 +171,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy):
     callbacks = [
         checkpointing.NonFiniteLossGuard(checkpoints.directory),
         summaries.ScalarSummaries(os.path.join(output_dir, "tensorboard"), config.log_every_n_steps),
+        *callbacks,  # after validation, before the epoch's checkpoint
         checkpointing.CheckpointCallback(checkpoints, config.checkpoint_every_n_steps),
     ]
     history = keras.callbacks.History()
@@ -175,7 +179,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy):
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
         train = data.train_dataset(config.dataset, config.data_dir, config.batch_size, seed=config.seed,
-                                   start_step=step)
+                                   start_step=step, holdout=held_out(config))
         result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
                              steps_per_epoch=steps_per_epoch - done, validation_data=validation,
                              validation_steps=config.validation_steps, callbacks=callbacks, verbose=config.verbose,
@@ -189,7 +193,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy):
     return history
 
 
-def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, path, **summary):
+def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, path, callbacks=(), **summary):
     """fit, then the trained model to `path` (.keras) and a summary to the .json beside it: the last validation
     accuracies, the training wall time, the trainer's state and `summary`. Returns the fit history.
 
@@ -197,11 +201,11 @@ def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, p
     complete when this returns on any worker.
     """
     start = time.time()
-    history = fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy)
+    history = fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks)
     seconds = time.time() - start
     output = os.path.join(writable_dir(strategy, os.path.dirname(path)), os.path.basename(path))
     save_model_atomic(trainer.model, output)
-    write_json(os.path.splitext(output)[0] + ".json",
+    files.write_json(os.path.splitext(output)[0] + ".json",
                {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
                 "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
     barrier(strategy)
@@ -214,14 +218,15 @@ def _prepare(config, strategy):
                          f"{strategy.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.seed)
     info = data.load_info(config.dataset, config.data_dir)
-    return info, config.steps_per_epoch or info.num_train // config.batch_size
+    return info, config.steps_per_epoch or (info.num_train - held_out(config)) // config.batch_size
 
 
 def use_xla(strategy, requested=None):
     """XLA for the train step: as requested, else on for a single GPU replica only.
 
-    XLA fails under MirroredStrategy with several replicas (SPEC 4), and on CPU it made adversarial steps several
-    times slower here (TF 2.21: a TRADES step of a WRN-10-2 at batch 128 took 20.6 s with XLA, 2.6 s without).
+    XLA fails under MirroredStrategy with several replicas ("resource ... located in device CPU:1 from device
+    CPU:0"), and on the 2-core CPU it made the B-MTARD step 2.5x (paper models) to 4x (small models) slower
+    (`python -m mtard_tf.benchmark`, README "Performance and scale").
     """
     if requested is not None:
         return requested
@@ -243,14 +248,6 @@ def final_metrics(history):
     """The last epoch's validation accuracies, e.g. {"clean_accuracy": 0.9, "pgd_accuracy": 0.5}."""
     return {key[len("val_"):]: float(values[-1]) for key, values in history.history.items()
             if key.startswith("val_")}
-
-
-def write_json(path, payload):
-    """Atomic JSON write (temporary file + rename)."""
-    temporary = f"{path}.partial-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(temporary, path)
 
 
 def train_student(config, method=None, strategy=None):
@@ -282,9 +279,96 @@ def train_student(config, method=None, strategy=None):
                              **_attack_args(config))
         _compile(trainer, config, strategy, schedule(config.learning_rate))
     path = os.path.join(config.model_dir, "student.keras")
-    history = fit_and_save(trainer, config, strategy, config.model_dir, config.epochs, steps_per_epoch, path,
-                           method=method)
+    if config.select == "last":
+        history = fit_and_save(trainer, config, strategy, config.model_dir, config.epochs, steps_per_epoch, path,
+                               method=method, selection={"mode": "last", "epoch": config.epochs})
+        return path, history
+    selection = ModelSelection(trainer.model, config, os.path.join(writable_dir(strategy, config.model_dir),
+                                                                   "selection"))
+    last_path = os.path.join(config.model_dir, "student_last.keras")
+    history = fit_and_save(trainer, config, strategy, config.model_dir, config.epochs, steps_per_epoch, last_path,
+                           callbacks=[selection], method=method)
+    if is_chief(strategy):
+        with open(os.path.splitext(last_path)[0] + ".json") as f:
+            last = json.load(f)
+        record = selection.record()
+        files.write_json(os.path.splitext(path)[0] + ".json",
+                   {"method": method, "train_seconds": last["train_seconds"], "state": last["state"],
+                    "selection": {key: value for key, value in record.items() if key != "history"},
+                    "selection_history": record["history"], "last": {"path": last_path, **final_metrics(history)}})
+        save_model_atomic(keras.models.load_model(selection.best_path, compile=False), path)
+    barrier(strategy)
     return path, history
+
+
+SELECT_MODES = ("last", "best_test", "best_holdout")
+SELECTION_METRIC = "(clean + PGD-TRADES-20) / 2"
+
+
+def select_epochs(epochs, milestones, every_before=20):
+    """The 1-based epochs at which the student is evaluated for model selection: as the B-MTARD reference
+    (MTARD-extension resnet18_mtard_cifar10.py: epoch 1, every `every_before`-th epoch before the first lr milestone,
+    every epoch from it on), and always the last epoch, so that the last model is a candidate too."""
+    first_milestone = min(milestones, default=epochs)
+    return tuple(e for e in range(1, epochs + 1)
+                 if e == 1 or e % every_before == 0 or e >= first_milestone or e == epochs)
+
+
+class ModelSelection(keras.callbacks.Callback):
+    """Keeps the best model by (clean + PGD-TRADES-20)/2 on the selection split, at the epochs of select_epochs.
+
+    The split is the test split (`best_test`, the reference's protocol, which makes the selected model's test
+    figures optimistic) or the held-out end of the train split (`best_holdout`). Each evaluation's report is kept in
+    `<directory>/epoch-<E>/`; the best model (the first of equals, as the reference's strict `>`) in
+    `<directory>/best.keras`, the record in `<directory>/selection.json`. An epoch evaluated again after a resume
+    computes the same figures and replaces its entry.
+    """
+
+    def __init__(self, network, config, directory):
+        super().__init__()
+        self.network = network
+        self.config = config
+        self.directory = directory
+        self.best_path = os.path.join(directory, "best.keras")
+        self.epochs = select_epochs(config.epochs, config.milestones, config.select_every_before)
+        if config.select == "best_test":
+            info = data.load_info(config.dataset, config.data_dir)
+            self.split = info.test_split
+            self.dataset = data.eval_dataset(config.dataset, config.data_dir, 250, config.select_examples)
+        elif config.select == "best_holdout":
+            self.split = f"train[-{config.holdout_examples}:] (held out)"
+            self.dataset = data.holdout_dataset(config.dataset, config.data_dir, 250, config.holdout_examples,
+                                                config.select_examples)
+        else:
+            raise ValueError(f"unknown --select={config.select}, expected one of {', '.join(SELECT_MODES)}")
+
+    def record(self):
+        path = os.path.join(self.directory, "selection.json")
+        if not os.path.exists(path):
+            return {"mode": self.config.select, "metric_name": SELECTION_METRIC, "split": self.split,
+                    "epochs_evaluated": list(self.epochs), "epoch": None, "metric": None, "history": {}}
+        with open(path) as f:
+            return json.load(f)
+
+    def on_epoch_end(self, epoch, logs=None):
+        epoch += 1
+        if epoch not in self.epochs:
+            return
+        report = evaluation.evaluate(self.network, self.dataset, attacks=("clean", "pgd_trades"),
+                               epsilon=self.config.epsilon, num_examples=self.config.select_examples,
+                               seed=self.config.seed, output_dir=os.path.join(self.directory, f"epoch-{epoch}"),
+                               progress=False)
+        metric = report["attacks"]["pgd_trades"]["w_robust"]
+        record = self.record()
+        record["history"][str(epoch)] = {"metric": metric, "clean": report["attacks"]["clean"]["accuracy"],
+                                         "pgd_trades": report["attacks"]["pgd_trades"]["accuracy"]}
+        record["num_examples"] = report["num_examples"]
+        if record["epoch"] is None or metric > record["metric"] or record["epoch"] == epoch:
+            save_model_atomic(self.network, self.best_path)
+            record.update(epoch=epoch, metric=metric)
+        files.write_json(os.path.join(self.directory, "selection.json"), record)
+        print(f"\nselection: epoch {epoch}: {SELECTION_METRIC} = {100 * metric:.2f}% on {report['num_examples']} "
+              f"{self.split} images; best: epoch {record['epoch']} ({100 * record['metric']:.2f}%)", flush=True)
 
 
 def distill(config, strategy=None):

@@ -66,16 +66,21 @@ def tiny_model(name, num_classes=10, input_shape=(32, 32, 3), width=4, synchroni
     return keras.Model(inputs, keras.layers.Dense(num_classes)(hidden), name=name)
 
 
-@pytest.fixture
-def teacher_files(tmp_path):
-    """Two tiny random-init .keras teachers for 10 classes: (clean, robust) paths."""
+def write_teacher_files(directory):
+    """Two tiny random-init .keras teachers for 10 classes in `directory`: (clean, robust) paths."""
     keras.utils.set_random_seed(1)
     paths = []
     for name in ("clean_teacher", "robust_teacher"):
-        path = str(tmp_path / f"{name}.keras")
+        path = os.path.join(str(directory), f"{name}.keras")
         tiny_model(name).save(path)
         paths.append(path)
     return tuple(paths)
+
+
+@pytest.fixture
+def teacher_files(tmp_path):
+    """Two tiny random-init .keras teachers for 10 classes: (clean, robust) paths."""
+    return write_teacher_files(tmp_path)
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

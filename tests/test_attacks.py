@@ -1,4 +1,4 @@
-"""PGD of SPEC 1.1: stays in the eps-ball and [0, 1], and raises the loss of a trained model."""
+"""The training PGD: stays in the eps-ball and [0, 1], and raises the loss of a trained model."""
 
 import keras
 import numpy as np

@@ -1,4 +1,4 @@
-"""Tests of mtard_tf.autoattack (and the SPEC 2 white-box attacks next to it) on tiny models trained here.
+"""Tests of mtard_tf.autoattack (and the white-box evaluation attacks next to it) on tiny models trained here.
 
 Data: 10 classes of 8x8x3 colour templates (pixels 0.5 +- amp) plus Gaussian noise, learnable in seconds.
 """

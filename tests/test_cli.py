@@ -1,9 +1,14 @@
 """The command line, run as users run it: in a subprocess, on offline mock CIFAR."""
 
+import glob
+import os
+import subprocess
+import sys
+
 import keras
 import pytest
 
-from conftest import run_main, tiny_model
+from conftest import ROOT, run_main, tiny_model
 
 def test_distill_command_with_two_cpu_replicas(mock_metadata_dir, teacher_files, tmp_path):
     model_dir = tmp_path / "run"
@@ -15,6 +20,8 @@ def test_distill_command_with_two_cpu_replicas(mock_metadata_dir, teacher_files,
     assert "2 replica" in result.stdout + result.stderr
     assert (model_dir / "student.keras").is_file()
     assert (model_dir / "tensorboard").is_dir()
+    picture = model_dir / "balance.png"  # the balancing dynamics, drawn from the run's TensorBoard logs
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
 @pytest.fixture
@@ -63,3 +70,56 @@ def test_bad_teacher_files_are_named_in_the_error(mock_metadata_dir, teacher_fil
     assert result.returncode != 0
     assert message in result.stderr and bad_teacher_files[kind] in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_first_line_is_the_programs_own(mock_metadata_dir, tmp_path):
+    """TensorFlow's native start-up log (oneDNN, CUDA probe, absl pre-init warning) is held back."""
+    model = str(tmp_path / "student.keras")
+    tiny_model("student").save(model)
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "mtard_tf.main", "--mode=export", f"--model={model}", f"--data_dir={mock_metadata_dir}",
+         f"--model_dir={tmp_path / 'run'}", f"--export_dir={tmp_path / 'exported'}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert result.stdout.splitlines()[0] == f"export: {tmp_path / 'exported' / 'mtard_student' / '1'}"
+
+
+# Runs mtard_tf.main with tfds' download made to fail as it does without network access.
+FAILING_DOWNLOAD = """import sys, requests, tensorflow_datasets as tfds
+def fail(self, *args, **kwargs):
+    raise requests.exceptions.ConnectionError("Failed to resolve 'www.cs.toronto.edu'")
+tfds.core.DatasetBuilder.download_and_prepare = fail
+from mtard_tf import main
+main.run()
+"""
+
+
+@pytest.mark.parametrize("download", ["--download", "--nodownload"])
+def test_missing_data_without_network_is_one_line_and_exit_1(tmp_path, download):
+    empty = tmp_path / "tfds"
+    empty.mkdir()
+    result = subprocess.run([sys.executable, "-c", FAILING_DOWNLOAD, "--dataset=cifar10", f"--data_dir={empty}",
+                             f"--model_dir={tmp_path / 'run'}", download],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    if download == "--download":
+        assert "downloading and preparing it in" in result.stdout
+        assert "could not be downloaded (ConnectionError: Failed to resolve 'www.cs.toronto.edu')" in errors[0]
+    else:
+        assert "downloading" not in result.stdout
+        assert f"dataset 'cifar10' is not prepared in --data_dir={empty}" in errors[0]
+
+
+PRESETS = sorted(os.path.relpath(path, ROOT) for pattern in ("flags/*.cfg", "flags/methods/*.cfg")
+                 for path in glob.glob(os.path.join(ROOT, pattern)))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_and_method_recipe_parses(preset):
+    result = subprocess.run([sys.executable, "-m", "mtard_tf.main", f"--flagfile={preset}", "--only_check_args"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -10,7 +10,7 @@ import keras
 from absl import logging
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mtard_tf import evaluation
+from mtard_tf import evaluation, stats
 
 EPS = 8.0 / 255.0
 NUM_CLASSES = 10
@@ -60,18 +60,35 @@ def test_evaluate_writes_the_reports(model, tmp_path):
         assert r["w_robust"] == pytest.approx((clean + r["accuracy"]) / 2)
         assert r["seconds"] >= 0.0
         assert r["valid"] and r["max_perturbation"] <= EPS + 1e-6
+        assert r["ci95"] == pytest.approx(list(stats.wilson_interval(r["num_correct"], 40)))
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
     accuracies = [saved["attacks"][n]["accuracy"] for n in ("clean", "pgd_sat", "autoattack")]
     assert accuracies == sorted(accuracies, reverse=True)
     assert saved["attacks"]["clean"]["max_perturbation"] == 0.0
     assert {"passed", "violations", "checks"} <= set(saved["sanity"])
     assert saved["num_examples"] == 40 and saved["epsilon"] == pytest.approx(EPS)
-    assert not [p for p in os.listdir(output_dir) if p.endswith(".tmp")]
+    assert not [p for p in os.listdir(output_dir) if p.endswith(".tmp") or p.startswith(".")]
+
+    assert saved["per_image"] == "per_image.npz"
+    with np.load(output_dir / "per_image.npz") as per_image:
+        assert sorted(per_image.files) == sorted([*saved["attacks"], "labels"])
+        np.testing.assert_array_equal(per_image["labels"], y[:40])
+        for name, r in saved["attacks"].items():
+            assert per_image[name].dtype == bool and per_image[name].shape == (40,)
+            assert per_image[name].mean() == r["accuracy"] and per_image[name].sum() == r["num_correct"]
+    flags, labels = evaluation.read_per_image(str(output_dir))
+    assert list(flags) == list(saved["attacks"]) and list(labels) == list(y[:40])
+    os.remove(output_dir / "per_image.npz")
+    with pytest.raises(FileNotFoundError, match="re-run the evaluation"):
+        evaluation.read_per_image(str(output_dir))
 
     markdown = (output_dir / "report.md").read_text()
     assert "| Attack | Accuracy (%) | W-Robust (%) | Time (s) |" in markdown
     for display in ("Clean", "FGSM", "PGD-SAT", "PGD-TRADES", "CW∞", "AutoAttack"):
         assert f"| {display} | " in markdown
-    assert f"| Clean | {100 * clean:.2f} | {100 * clean:.2f} |" in markdown
+    low, high = saved["attacks"]["clean"]["ci95"]
+    assert f"| Clean | {100 * clean:.2f} [{100 * low:.1f}, {100 * high:.1f}] | {100 * clean:.2f} |" in markdown
+    assert "95% Wilson confidence interval" in markdown
 
     accumulator = EventAccumulator(str(tmp_path / "tb"), size_guidance={"tensors": 0})
     accumulator.Reload()

@@ -14,7 +14,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from mtard_tf import export
+from mtard_tf import export, files
 
 H = W = 32
 CLASS_NAMES = [f"class_{i}" for i in range(10)]
@@ -177,7 +177,7 @@ def test_versions_explicit_versions_and_failed_exports(tmp_path, monkeypatch):
         def fail(root, error=error):
             assert os.path.exists(os.path.join(root, "saved_model.pb"))  # the export really was half done
             raise error
-        monkeypatch.setattr(export, "_fsync_tree", fail)
+        monkeypatch.setattr(files, "fsync_tree", fail)
         with pytest.raises(type(error)):
             export.export_model(model, base, "s", CLASS_NAMES)
         assert sorted(os.listdir(model_dir)) == ["1", "2"]

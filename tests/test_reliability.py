@@ -1,17 +1,17 @@
 """Reliability: exact resume after SIGKILL, determinism, the non-finite-loss guard, clear errors on bad input."""
 
+import json
 import os
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, final_state, main_command, run_main, tiny_model
-from mtard_tf import data
+from conftest import ROOT, final_state, main_command, run_main, tiny_model, write_teacher_files
+from mtard_tf import checkpointing, data
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=2",
            "--steps_per_epoch=4", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
@@ -40,34 +40,55 @@ def test_augmentation_stays_a_shifted_flipped_copy():
     np.testing.assert_array_equal(out, data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy())
 
 
-def test_sigkill_and_rerun_ends_like_an_uninterrupted_run(mock_metadata_dir, teacher_files, tmp_path):
-    teachers = [f"--clean_teacher={teacher_files[0]}", f"--robust_teacher={teacher_files[1]}"]
-    reference_dir = str(tmp_path / "reference")
-    result = run_main(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={reference_dir}")
-    assert result.returncode == 0, result.stderr[-3000:]
-
-    model_dir = str(tmp_path / "interrupted")
-    command, env = main_command(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={model_dir}")
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    index = os.path.join(model_dir, "checkpoints", "checkpoint")
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if os.path.exists(index) and "ckpt-3" in open(index).read():
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, "the run ended before it could be interrupted"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not os.path.exists(os.path.join(model_dir, "student.keras"))
-
+@pytest.fixture(scope="module")
+def uninterrupted_run(mock_metadata_dir, tmp_path_factory):
+    """Teachers and the model_dir of one uninterrupted DISTILL run: ([teacher flags], model_dir)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    clean, robust = write_teacher_files(root)
+    teachers = [f"--clean_teacher={clean}", f"--robust_teacher={robust}"]
+    model_dir = str(root / "run")
     result = run_main(mock_metadata_dir, *DISTILL, *teachers, f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "resuming from step" in result.stdout
+    return teachers, model_dir
+
+
+def final_validation(model_dir):
+    """The last validation's accuracies recorded in student.json."""
+    with open(os.path.join(model_dir, "student.json")) as f:
+        summary = json.load(f)
+    return {key: summary[key] for key in ("clean_accuracy", "pgd_accuracy")}
+
+
+# (checkpoint every N steps, where the run kills itself, the step the re-run resumes from); 4 steps per epoch.
+KILL_POINTS = [
+    (2, "step_checkpoint:4", 4),  # the step checkpoint of an epoch's last step, taken before that epoch's validation
+    (3, "validated:1", 3),  # after the first validation, before the epoch checkpoint: the last one is step 3's
+    (3, "epoch_checkpoint:1", 4),  # right after the first epoch's checkpoint
+]
+
+
+@pytest.mark.parametrize("every_n_steps,kill_point,resume_step", KILL_POINTS)
+def test_sigkill_at_a_chosen_point_then_rerun_ends_like_an_uninterrupted_run(
+        mock_metadata_dir, uninterrupted_run, tmp_path, every_n_steps, kill_point, resume_step):
+    teachers, reference_dir = uninterrupted_run
+    model_dir = str(tmp_path / "interrupted")
+    flags = [*DISTILL, f"--checkpoint_every_n_steps={every_n_steps}", *teachers, f"--model_dir={model_dir}"]
+    command, env = main_command(mock_metadata_dir, *flags)
+    killed = subprocess.run(command, cwd=ROOT, env={**env, checkpointing.KILL_POINT_VARIABLE: kill_point},
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not os.path.exists(os.path.join(model_dir, "student.json"))
+
+    result = run_main(mock_metadata_dir, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming from step {resume_step} of 8" in result.stdout
     state, weights = final_state(model_dir)
     reference_state, reference_weights = final_state(reference_dir)
     assert state == pytest.approx(reference_state, rel=1e-5)
     for a, b in zip(weights, reference_weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # The final validation (its PGD start noise included) is the uninterrupted run's too.
+    assert final_validation(model_dir) == final_validation(reference_dir)
 
 
 def step_logs(model_dir):

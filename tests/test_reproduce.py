@@ -1,11 +1,19 @@
-"""python -m mtard_tf.reproduce: teachers once, one student per method, the comparison files; a re-run reuses all."""
+"""python -m mtard_tf.reproduce: teachers once, one student per method and seed, the comparison files with intervals
+and paired tests against B-MTARD, the reference recipes; a re-run reuses all."""
 
+import copy
 import json
 import os
+import re
 import subprocess
 import sys
 
-from mtard_tf import pipeline, reproduce, training
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl import flags
+
+from mtard_tf import files, pipeline, reproduce, stats, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="cifar10", student="resnet56:depth=8,width=2", clean_teacher_arch="resnet56:depth=8,width=2",
@@ -26,6 +34,33 @@ def outputs(model_dir):
     return {name: os.path.getmtime(os.path.join(model_dir, name)) for name in names}
 
 
+def recomputed_tests(eval_dir, baseline_eval_dir, attacks):
+    """The exact McNemar tests of two students, recomputed from their per_image.npz files."""
+    with np.load(os.path.join(eval_dir, "per_image.npz")) as a, \
+            np.load(os.path.join(baseline_eval_dir, "per_image.npz")) as b:
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        return {attack: stats.mcnemar_exact(a[attack], b[attack]) for attack in attacks}
+
+
+def table_row(markdown, start):
+    """The cells of the first table row of `markdown` that starts with `start`."""
+    line = next(line for line in markdown.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def check_bold_marks_significance(comparison):
+    """In the single-seed table, a student's accuracy is bold iff its paired test against B-MTARD has p < 0.05."""
+    markdown = reproduce.format_markdown(comparison)
+    for row in comparison["rows"]:
+        cells = table_row(markdown, f"| {'Student' if row['role'] == 'student' else 'Teacher'} ({row['model']}) | "
+                                    f"{row['display_name']} |")[2:]
+        for attack, cell in zip(comparison["attacks"], cells):
+            test = row.get("vs_b_mtard", {}).get(attack)
+            assert cell.startswith("**") == (test is not None and test["p_value"] < 0.05), (row["name"], attack)
+        assert not cells[-1].startswith("**")  # W-Robust is not tested
+    return markdown
+
+
 def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifar, strategies, tmp_path, capsys):
     config = training.RunConfig(model_dir=str(tmp_path / "run"), **TINY)
     eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
@@ -39,11 +74,28 @@ def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifa
     assert [row["role"] for row in rows] == ["teacher"] * 2 + ["student"] * len(METHODS)
     assert [row["display_name"] for row in rows] == ["Natural", "TRADES", "SAT", "RSLAD", "B-MTARD"]
     for row in rows:
-        assert set(row["accuracy"]) == set(row["w_robust"]) == {"clean", "fgsm"}
+        assert set(row["accuracy"]) == set(row["w_robust"]) == set(row["ci95"]) == {"clean", "fgsm"}
         assert 0 <= row["accuracy"]["fgsm"] <= 1 and row["num_examples"] == 8
         assert row["w_robust"]["fgsm"] == (row["accuracy"]["clean"] + row["accuracy"]["fgsm"]) / 2
         assert row["train_seconds"] > 0 and os.path.isfile(row["path"])
+        for attack, (low, high) in row["ci95"].items():
+            assert row["ci95"][attack] == pytest.approx(
+                list(stats.wilson_interval(round(8 * row["accuracy"][attack]), 8)))
+            assert low <= row["accuracy"][attack] <= high
     assert comparison["w_robust_attack"] == "fgsm"
+    assert comparison["seeds"] == [0] and comparison["recipe"]["name"] == "equal"
+    assert comparison["significance"]["baseline"] == "b_mtard"
+    assert comparison["significance"]["attacks"] == ["clean", "fgsm"]
+    students = tmp_path / "run" / "students"
+    for row in rows[2:]:
+        assert list(row["seeds"]) == ["0"] and row["recipe"]["name"] == "equal"
+        if row["method"] == "b_mtard":
+            assert "vs_b_mtard" not in row and "vs_b_mtard" not in row["seeds"]["0"]
+            continue
+        assert row["vs_b_mtard"] == row["seeds"]["0"]["vs_b_mtard"] == recomputed_tests(
+            students / row["method"] / "eval", students / "b_mtard" / "eval", ["clean", "fgsm"])
+        for test in row["vs_b_mtard"].values():
+            assert 0 < test["p_value"] <= 1 and test["n"] == 8
     with open(tmp_path / "run" / "students" / "rslad" / "student.json") as f:
         assert json.load(f)["method"] == "rslad"
 
@@ -51,13 +103,32 @@ def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifa
     assert "| Model | Method | Clean | FGSM | W-Robust |" in markdown
     assert "| Student (resnet56:depth=8,width=2) | RSLAD |" in markdown
     assert "| Teacher (wrn34_10:depth=10,widen=1) | TRADES |" in markdown
+    clean = rows[3]["accuracy"]["clean"]
+    low, high = rows[3]["ci95"]["clean"]
+    assert re.search(rf"\| Student \(resnet56:depth=8,width=2\) \| RSLAD \| (\*\*)?{100 * clean:.2f} "
+                     rf"\[{100 * low:.1f}, {100 * high:.1f}\](\*\*)? \|", markdown)
+    assert "Bold**: differs from B-MTARD at p < 0.05 (two-sided exact McNemar test" in markdown
+    assert "## Paired differences to B-MTARD" in markdown and "(recipe: equal)" in markdown
+    assert check_bold_marks_significance(comparison) == markdown
+    significant = copy.deepcopy(comparison)  # a made-up significant difference is shown in bold, and only it
+    significant["rows"][2]["vs_b_mtard"]["fgsm"]["p_value"] = 0.001
+    for row in significant["rows"][3:]:
+        row.get("vs_b_mtard", {}).get("fgsm", {})["p_value"] = 0.5
+    assert table_row(check_bold_marks_significance(significant), "| Student (resnet56:depth=8,width=2) | SAT |")[
+        3].startswith("**")
     assert (tmp_path / "run" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".")]
     capsys.readouterr()
 
+    # A report without per-image flags (written before they existed) is evaluated again; nothing else is.
+    os.remove(students / "sat" / "eval" / "per_image.npz")
     again = reproduce.reproduce(config, eval_config, METHODS, strategies[1])
     out = capsys.readouterr().out
-    assert outputs(config.model_dir) == before  # nothing trained or evaluated again
+    after = outputs(config.model_dir)
+    assert after.pop("students/sat/eval/report.json") > before.pop("students/sat/eval/report.json")
+    assert after == before  # nothing else trained or evaluated again
+    assert (students / "sat" / "eval" / "per_image.npz").exists()
+    assert again["rows"][2]["vs_b_mtard"] == rows[2]["vs_b_mtard"]
     assert out.count("student: using") == len(METHODS)
     assert "clean teacher: using" in out and "robust teacher: using" in out
     assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in rows]
@@ -79,3 +150,146 @@ def test_unavailable_dataset_is_one_clear_error(tmp_path):
     assert result.returncode == 1
     assert "unknown tensorflow-datasets dataset 'no_such_dataset'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_seeds_give_mean_std_and_per_seed_tests(mock_cifar, strategies, teacher_files, tmp_path):
+    config = training.RunConfig(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
+                                robust_teacher=teacher_files[1], **TINY)
+    eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
+    comparison = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], seeds=(0, 1))
+    with open(tmp_path / "run" / "comparison.json") as f:
+        assert json.load(f) == comparison
+    assert comparison["seeds"] == [0, 1] and comparison["seed"] == 0
+    students = tmp_path / "run" / "students"
+    for row in comparison["rows"][2:]:
+        assert list(row["seeds"]) == ["0", "1"] and "vs_b_mtard" not in row and "ci95" not in row
+        for seed, run in row["seeds"].items():
+            eval_dir = students / row["method"] / f"seed{seed}" / "eval"
+            assert run["model_dir"] == str(students / row["method"] / f"seed{seed}")
+            with open(eval_dir / "report.json") as f:
+                assert json.load(f)["seed"] == int(seed)  # the attacks' noise follows the student's seed too
+            if row["method"] == "sat":
+                assert run["vs_b_mtard"] == recomputed_tests(eval_dir, students / "b_mtard" / f"seed{seed}" / "eval",
+                                                             ["clean", "fgsm"])
+        for attack in ("clean", "fgsm"):
+            values = [run["accuracy"][attack] for run in row["seeds"].values()]
+            assert row["mean"]["accuracy"][attack] == row["accuracy"][attack] == pytest.approx(np.mean(values))
+            assert row["std"]["accuracy"][attack] == pytest.approx(np.std(values, ddof=1))
+        assert row["w_robust"]["fgsm"] == pytest.approx((row["accuracy"]["clean"] + row["accuracy"]["fgsm"]) / 2)
+    assert not os.path.exists(students / "sat" / "student.keras")  # several seeds: a seed level
+
+    markdown = (tmp_path / "run" / "comparison.md").read_text()
+    sat = comparison["rows"][2]
+    assert (f"| Student (resnet56:depth=8,width=2) | SAT | {100 * sat['mean']['accuracy']['clean']:.2f} ± "
+            f"{100 * sat['std']['accuracy']['clean']:.2f} |") in markdown
+    assert "## Per seed" in markdown and "| Seed | Method | Clean | FGSM | W-Robust |" in markdown
+    for seed in (0, 1):
+        assert f"| {seed} | SAT | " in markdown and f"| {seed} | B-MTARD | " in markdown
+    assert "mean ± sample standard deviation over 2 seeds" in markdown
+
+
+RECIPES = {"sat.cfg": "# SAT's reference: 150 epochs\n\n--epochs=150\n--milestones=100\n--learning_rate=0.05\n"
+                      "--epsilon=0.02\n",
+           "b_mtard.cfg": "--epochs=300\n--milestones=215,260,285\n--kl_scale=2\n"}
+
+
+def write_recipes(directory, recipes=RECIPES):
+    os.makedirs(directory, exist_ok=True)
+    for name, text in recipes.items():
+        with open(os.path.join(directory, name), "w") as f:
+            f.write(text)
+    return str(directory)
+
+
+def test_reference_recipe_scales_the_schedule(mock_cifar, strategies, teacher_files, tmp_path, capsys):
+    config = training.RunConfig(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
+                                robust_teacher=teacher_files[1], **{**TINY, "epochs": 2})
+    eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
+    recipe_dir = write_recipes(tmp_path / "recipes")
+    comparison = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], recipe="reference",
+                                     recipe_dir=recipe_dir)
+    assert comparison["recipe"] == {"name": "reference", "dir": recipe_dir, "reference_epochs": 300}
+    sat, b_mtard = comparison["rows"][2:]
+    # 150 reference epochs x 2/300 = 1 epoch (its milestone 100 -> round(0.67) = 1 is not < 1 epoch: dropped).
+    assert sat["recipe"] == {"name": "reference", "file": os.path.join(recipe_dir, "sat.cfg"), "scale": 2 / 300,
+                             "overrides": {"epochs": 150, "milestones": [100], "learning_rate": 0.05, "epsilon": 0.02},
+                             "applied": {"epochs": 1, "milestones": [], "learning_rate": 0.05, "epsilon": 0.02}}
+    assert b_mtard["recipe"]["applied"] == {"epochs": 2, "milestones": [1], "kl_scale": 2.0}
+    assert sat["seeds"]["0"]["epochs"] == 1 and b_mtard["seeds"]["0"]["epochs"] == 2
+    students = tmp_path / "run" / "students-reference"
+    for method, steps in (("sat", 1), ("b_mtard", 2)):  # one step per epoch in TINY
+        assert tf.train.latest_checkpoint(str(students / method / "checkpoints")).endswith(f"-{steps}")
+        with open(students / method / "eval" / "report.json") as f:
+            assert json.load(f)["epsilon"] == config.epsilon  # trained at its recipe's radius, evaluated at the run's
+    assert not os.path.exists(tmp_path / "run" / "students")  # equal and reference runs never share a student
+    markdown = (tmp_path / "run" / "comparison.md").read_text()
+    assert "# Student training methods compared, cifar10 (recipe: reference)" in markdown
+    assert "- SAT (sat.cfg): epochs=1, milestones=none, learning_rate=0.05, epsilon=0.02" in markdown
+    assert "- B-MTARD (b_mtard.cfg): epochs=2, milestones=1, kl_scale=2.0" in markdown
+
+    # A selected checkpoint (student.json "selection", written by training) is reported; the rest is reused.
+    selection = {"mode": "best_test", "epoch": 1, "metric": 0.4, "split": "test",
+                 "metric_name": "(clean + PGD-TRADES-20) / 2"}
+    with open(students / "sat" / "student.json") as f:
+        summary = json.load(f)
+    files.write_json(str(students / "sat" / "student.json"), {**summary, "selection": selection})
+    capsys.readouterr()
+    again = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], recipe="reference",
+                                recipe_dir=recipe_dir)
+    assert capsys.readouterr().out.count("student: using") == 2
+    assert again["rows"][2]["selection"] == again["rows"][2]["seeds"]["0"]["selection"] == selection
+    with open(students / "b_mtard" / "student.json") as f:
+        assert again["rows"][3].get("selection") == json.load(f).get("selection")  # whatever training recorded
+    markdown = (tmp_path / "run" / "comparison.md").read_text()
+    assert ("Model selection: best_test (clean + PGD-TRADES-20) / 2 on the test split (SAT epoch 1) — test-selected "
+            "numbers are optimistic." in markdown)
+
+
+def test_recipe_files_are_checked(tmp_path):
+    config = training.RunConfig(epochs=30, milestones=(20, 25))
+    recipe_dir = write_recipes(tmp_path, {
+        "sat.cfg": "--epochs=120\n--attack_step_size=2/255\n--jit_compile=false\n--steps_per_epoch=5\n",
+        "trades.cfg": "# comment\n\n--epochs=100\n--learning_rte=0.1\n",
+        "ard.cfg": "--seed=3\n", "rslad.cfg": "--epochs=ten\n", "adaad.cfg": "epochs 10\n"})
+    overrides, record = reproduce.method_recipe(config, "sat", "reference", recipe_dir)
+    # No recipe milestones: the run's (20, 25 of 30 epochs) stretched to the method's 12 epochs.
+    assert overrides == {"epochs": 12, "milestones": (8, 10), "attack_step_size": pytest.approx(2 / 255),
+                         "jit_compile": False, "steps_per_epoch": 5}
+    assert record["overrides"]["epochs"] == 120 and record["scale"] == 0.1
+    assert reproduce.method_recipe(config, "sat", "equal", recipe_dir) == (
+        {}, {"name": "equal", "file": None, "overrides": {}, "applied": {}})
+    for method, message in (("trades", r"trades\.cfg, line 4: unknown setting --learning_rte"),
+                            ("ard", r"ard\.cfg, line 1: --seed cannot be part of a method's recipe"),
+                            ("rslad", r"rslad\.cfg, line 1: bad value for --epochs"),
+                            ("adaad", r"adaad\.cfg, line 1: expected --name=value"),
+                            ("natural", r"no recipe for method 'natural'")):
+        with pytest.raises(ValueError, match=message):
+            reproduce.method_recipe(config, method, "reference", recipe_dir)
+    assert reproduce.scale_schedule(training.RunConfig(epochs=5), {"epochs": 300, "milestones": (215, 260, 285)}) \
+        == (5, (4,))
+    assert reproduce.scale_schedule(training.RunConfig(epochs=300), {"epochs": 200, "milestones": (100, 150)}) \
+        == (200, (100, 150))
+    assert reproduce.scale_schedule(training.RunConfig(epochs=1), {"epochs": 100}) == (1, ())
+
+
+def test_seeds_and_recipe_flags_reach_reproduce(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(reproduce, "reproduce", lambda *args, **kwargs: calls.append((args, kwargs)))
+    monkeypatch.setattr(reproduce.cli, "make_strategy", lambda: "strategy")
+    try:
+        flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={tmp_path}",
+                     "--methods=sat,b_mtard", "--seed=5", f"--model_dir={tmp_path}"])
+        reproduce._run()  # pylint: disable=protected-access
+        flags.FLAGS.unparse_flags()
+        flags.FLAGS(["reproduce", f"--model_dir={tmp_path}"])
+        reproduce._run()  # pylint: disable=protected-access
+        for bad in ("--seeds=1,1", "--seeds=a", "--recipe=papers"):
+            flags.FLAGS.unparse_flags()
+            with pytest.raises(flags.IllegalFlagValueError):
+                flags.FLAGS(["reproduce", bad])
+    finally:
+        flags.FLAGS.unparse_flags()
+    (config, _, methods, strategy), options = calls[0]
+    assert (config.seed, methods, strategy) == (5, ("sat", "b_mtard"), "strategy")
+    assert options == {"seeds": (2, 0), "recipe": "reference", "recipe_dir": str(tmp_path)}
+    assert calls[1][1] == {"seeds": None, "recipe": "equal", "recipe_dir": None}
