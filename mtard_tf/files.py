@@ -64,6 +64,18 @@ def write_text(path, text):
     return path
 
 
+def save_figure(figure, path):
+    """A matplotlib figure as a PNG at `path` (laid out tightly, complete or absent); the figure is closed."""
+    import matplotlib.pyplot as plt
+    try:
+        figure.tight_layout()
+        with atomic_file(path, "wb") as f:
+            figure.savefig(f, format="png")
+    finally:
+        plt.close(figure)
+    return path
+
+
 def write_json(path, payload):
     """`payload` as indented JSON with sorted keys."""
     return write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -120,8 +120,8 @@ flags.DEFINE_float("temperature_rate", 0.001, "eta_tau: learning rate of the tea
 flags.DEFINE_float("temperature_min", 1.0, "Lower bound of the teacher temperatures.", lower_bound=0.0)
 flags.DEFINE_float("temperature_max", 10.0, "Upper bound of the teacher temperatures.", lower_bound=0.0)
 flags.DEFINE_float("beta", 1.0, "Power of the relative loss progress in the weight rule (MTARD).")
-flags.DEFINE_float("kl_scale", 1.0, "Multiplies the distillation KL terms of b_mtard, mtard, rslad and adaad "
-                   "(10 in the reference for CIFAR-100).", lower_bound=0.0)
+flags.DEFINE_float("kl_scale", 1.0, "Multiplies the distillation KL terms of b_mtard, mtard and rslad (10 in "
+                   "their reference code for CIFAR-100; AdaAD's code changes its reduction instead).", lower_bound=0.0)
 
 # Baselines, with their papers' defaults; TRADES' beta is --trades_beta.
 flags.DEFINE_float("ard_temperature", 30.0, "ARD: distillation temperature tau.", lower_bound=0.0)

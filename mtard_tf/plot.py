@@ -21,7 +21,7 @@ A SAT / TRADES / ARD-style student logs none of these tags; the command then say
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from mtard_tf import files, startup
 
@@ -131,14 +131,9 @@ def plot_balance(model_dir, path=None):
         ax.tick_params(labelsize=10)
         ax.legend(loc="best", fontsize=9, framealpha=0.8)
     axes[-1].set_xlabel("training step", fontsize=11)
-    figure.suptitle(f"Teacher balancing dynamics: {os.path.basename(os.path.abspath(model_dir))}", fontsize=13)
-    figure.tight_layout()
-    try:
-        with files.atomic_file(path, "wb") as f:
-            figure.savefig(f, format="png")
-    finally:
-        plt.close(figure)
-    return path
+    run_name = os.path.join(*os.path.abspath(model_dir).split(os.sep)[-2:])  # e.g. b_mtard/seed0
+    figure.suptitle(f"Teacher balancing dynamics: {run_name}", fontsize=13)
+    return files.save_figure(figure, path)
 
 
 def define_flags():
@@ -155,7 +150,10 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if not FLAGS.model_dir:
         sys.exit("error: --model_dir is required")
-    startup.start_tensorflow(FLAGS["verbosity"].present)  # TensorBoard's reader loads TensorFlow when installed
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)  # TensorBoard's reader logs every file it opens at INFO
+    startup.start_tensorflow(verbose)  # TensorBoard's reader loads TensorFlow when installed
     try:
         print(plot_balance(FLAGS.model_dir, FLAGS.output))
     except (ValueError, OSError) as error:

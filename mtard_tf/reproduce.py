@@ -602,13 +602,7 @@ def plot_tradeoff(comparison, path):
                    fontsize=10)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize=8)
-    figure.tight_layout()
-    try:
-        with files.atomic_file(path, "wb") as f:
-            figure.savefig(f, format="png")
-    finally:
-        plt.close(figure)
-    return path
+    return files.save_figure(figure, path)
 
 
 def write_comparison(model_dir, comparison):

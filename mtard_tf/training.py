@@ -206,8 +206,8 @@ def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, p
     output = os.path.join(writable_dir(strategy, os.path.dirname(path)), os.path.basename(path))
     save_model_atomic(trainer.model, output)
     files.write_json(os.path.splitext(output)[0] + ".json",
-               {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
-                "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
+                     {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
+                      "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
     barrier(strategy)
     return history
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -22,6 +24,10 @@ def test_benchmark_prints_one_record_per_configuration():
         assert set(record["split_ms"]) == {"attack", "teachers", "student_update"}
         student_flops = record["forward_flops_per_image"]["student"]
         assert student_flops > 0 and record["flops_per_step"] > 4 * (2 * 2 + 6) * student_flops
-        assert 0 < record["matmul_fraction"] < 1
+        # The fraction compares two timings of a loaded machine (no bound on it here: figures belong in benchmark
+        # runs); it must be the ratio of the two rates the record reports.
+        assert record["matmul_fraction"] == pytest.approx(
+            record["achieved_flops_per_s"] / record["matmul_flops_per_s"], abs=1e-4)
+        assert record["matmul_fraction"] > 0
         # float32: a gradient almost everywhere (a few exact zeros behind the dead ReLUs of a width-2 network).
         assert 0 <= record["attack_zero_gradient_fraction"] < 0.1
