@@ -296,7 +296,8 @@ def train_student(config, method=None, strategy=None):
                    {"method": method, "train_seconds": last["train_seconds"], "state": last["state"],
                     "selection": {key: value for key, value in record.items() if key != "history"},
                     "selection_history": record["history"], "last": {"path": last_path, **final_metrics(history)}})
-        save_model_atomic(keras.models.load_model(selection.best_path, compile=False), path)
+        with files.atomic_path(path) as temporary:  # the selected model's file as it is, not loaded and re-saved
+            shutil.copyfile(selection.best_path, temporary)
     barrier(strategy)
     return path, history
 
