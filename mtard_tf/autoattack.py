@@ -54,10 +54,13 @@ _INF = float("inf")
 _CACHE = weakref.WeakKeyDictionary()
 
 
-def _cached(model, key, build):
-    """`build(model)`, a compiled function, once per (model, key) while the model lives.
+def cached_function(model, key, build):
+    """`build(model)`, a compiled function, built once per (model, key) while the model lives and reused after.
 
-    The function gets a weak proxy of the model, so that the cache does not keep the model (and its graphs) alive.
+    Every attack here and in mtard_tf.evaluation gets its tf.function this way, so that attacking batch after batch
+    traces it once. `key` holds everything the function is built from besides the model (attack, settings, image
+    shape). The function gets a weak proxy of the model, so that the cache does not keep the model (and its graphs)
+    alive.
     """
     try:
         per_model = _CACHE.setdefault(model, {})
@@ -112,7 +115,7 @@ def _predict_fn(model, image_shape):
             logits = logits_of(model, x)
             return logits, tf.argmax(logits, axis=-1, output_type=tf.int32)
         return predict
-    return _cached(model, ("predict", tuple(image_shape)), build)
+    return cached_function(model, ("predict", tuple(image_shape)), build)
 
 
 def predict(model, x):
@@ -186,9 +189,11 @@ def apgd_checkpoints(steps):
 
 
 def _build_apgd(model, image_shape, *, epsilon, steps, loss, momentum, rho, jit_compile):
-    n_iter_2 = max(int(0.22 * steps), 1)
-    n_iter_min = max(int(0.06 * steps), 1)
-    size_decr = max(int(0.03 * steps), 1)
+    # check_windows[i] = p_j - p_{j-1} (p_{-1} = -1) if iteration i is the checkpoint p_j, else 0: the number of
+    # iterations over which the check at i counts the loss increases.
+    check_windows, last_checkpoint = np.zeros(steps, np.int32), -1
+    for checkpoint in apgd_checkpoints(steps):
+        check_windows[checkpoint], last_checkpoint = checkpoint - last_checkpoint, checkpoint
     epsilon = float(epsilon)
 
     def loss_fn(y, y_target):
@@ -227,8 +232,6 @@ def _build_apgd(model, image_shape, *, epsilon, steps, loss, momentum, rho, jit_
             acc=acc,
             step_size=tf.fill([batch], 2.0 * epsilon),
             loss_steps=tf.zeros([steps, batch]),
-            counter3=tf.constant(0),
-            k=tf.constant(n_iter_2),
             loss_best_last_check=loss_indiv,
             reduced_last_check=tf.ones([batch], tf.bool),
         )
@@ -255,10 +258,9 @@ def _build_apgd(model, image_shape, *, epsilon, steps, loss, momentum, rho, jit_
             grad_best = tf.where(improved_b, grad, s["grad_best"])
             loss_best = tf.where(improved, loss_indiv, s["loss_best"])
 
-            # Step-size check at the checkpoints (every k iterations, k shrinking to n_iter_min).
-            counter3 = s["counter3"] + 1
-            k = s["k"]
-            at_check = tf.equal(counter3, k)
+            # Step-size check at the checkpoints p_j, over the k = p_j - p_{j-1} iterations since the previous one.
+            k = tf.gather(check_windows, i)
+            at_check = k > 0
             # Oscillation: fewer than rho * k increases of the loss over the last k iterations. Indices wrap
             # around like Python's negative indexing in the reference (loss_steps[-1] is still 0 at the first check).
             back = tf.range(steps)
@@ -281,8 +283,6 @@ def _build_apgd(model, image_shape, *, epsilon, steps, loss, momentum, rho, jit_
             return (dict(
                 i=i + 1, x_adv=x_next, x_adv_old=x_adv, grad=grad, x_best=x_best, grad_best=grad_best,
                 loss_best=loss_best, x_best_adv=x_best_adv, acc=acc, step_size=step_size, loss_steps=loss_steps,
-                counter3=tf.where(at_check, 0, counter3),
-                k=tf.where(at_check, tf.maximum(k - size_decr, n_iter_min), k),
                 loss_best_last_check=loss_best_last_check, reduced_last_check=reduced_last_check),)
 
         final = tf.while_loop(lambda s: s["i"] < steps, body, (state,), maximum_iterations=steps)[0]
@@ -307,9 +307,9 @@ def apgd(model, x, y, *, epsilon, steps=100, loss="ce", target_class_rank=None, 
     x, y = _prepare(x, y)
     image_shape = tuple(x.shape[1:])
     key = ("apgd", image_shape, float(epsilon), int(steps), loss, float(momentum), float(rho), bool(jit_compile))
-    run = _cached(model, key, lambda m: _build_apgd(m, image_shape, epsilon=epsilon, steps=int(steps), loss=loss,
-                                                  momentum=float(momentum), rho=float(rho),
-                                                  jit_compile=jit_compile))
+    run = cached_function(model, key, lambda m: _build_apgd(
+        m, image_shape, epsilon=epsilon, steps=int(steps), loss=loss, momentum=float(momentum), rho=float(rho),
+        jit_compile=jit_compile))
     clean_logits, pred = predict(model, x)
     num_classes = int(clean_logits.shape[-1])
     if loss == "dlr_targeted":
@@ -485,7 +485,7 @@ def fab_targeted(model, x, y, *, epsilon, steps=100, n_target_classes=9, target_
                 break
             key = ("fab-t", image_shape, float(epsilon), int(steps), float(alpha_max), float(eta), float(beta),
                    restart > 0, bool(jit_compile))
-            run = _cached(model, key, lambda m: _build_fab(
+            run = cached_function(model, key, lambda m: _build_fab(
                 m, image_shape, epsilon=epsilon, steps=int(steps), alpha_max=float(alpha_max), eta=float(eta),
                 beta=float(beta), random_start=restart > 0, jit_compile=jit_compile))
             run_idx = _subset(idx, len(x_np), jit_compile)
@@ -588,8 +588,8 @@ def square(model, x, y, *, epsilon, queries=5000, p_init=0.8, seed=0, rescale_sc
     if len(image_shape) != 3:
         raise ValueError("square expects images [B, H, W, C]")
     key = ("square", image_shape, float(epsilon), int(queries), float(p_init), bool(rescale_schedule))
-    run = _cached(model, key, lambda m: _build_square(m, image_shape, epsilon=epsilon, queries=int(queries),
-                                                    p_init=float(p_init), rescale_schedule=rescale_schedule))
+    run = cached_function(model, key, lambda m: _build_square(
+        m, image_shape, epsilon=epsilon, queries=int(queries), p_init=float(p_init), rescale_schedule=rescale_schedule))
     _, pred = predict(model, x)
     robust = pred.numpy() == y.numpy()
     x_adv = x.numpy().copy()
@@ -632,9 +632,6 @@ def autoattack_standard(model, x, y, *, epsilon, seed=0, progress=None, attacks=
         sub_x, sub_y = tf.gather(x, idx), tf.gather(y, idx)
         if name == "apgd-ce":
             adv = apgd(model, sub_x, sub_y, epsilon=epsilon, steps=apgd_steps, loss="ce", seed=seed,
-                       jit_compile=jit_compile)
-        elif name == "apgd-dlr":
-            adv = apgd(model, sub_x, sub_y, epsilon=epsilon, steps=apgd_steps, loss="dlr", seed=seed,
                        jit_compile=jit_compile)
         elif name == "apgd-t":
             if num_classes < 4:

@@ -12,6 +12,7 @@ forward and a full backward each (~3F); the teachers one forward each. Data are 
 so the figure is the step's, not the input pipeline's (--pipeline_batches measures that one alone).
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -73,26 +74,39 @@ def time_per_call(function, warmup, steps):
     return _timed(lambda: [function() for _ in range(steps)]) / steps
 
 
-def build(jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What one measurement builds and how long it times."""
+    student: str
+    clean_teacher: str
+    robust_teacher: str
+    batch_size: int
+    attack_steps: int
+    warmup: int
+    steps: int
+    precision: str
+
+
+def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
     import keras
     from mtard_tf import models
     from mtard_tf.distiller import Distiller
     with strategy.scope():
-        student = models.build_model(FLAGS.student, num_classes, image_shape)
-        clean = models.build_model(FLAGS.clean_teacher_arch, num_classes, image_shape)
-        robust = models.build_model(FLAGS.robust_teacher_arch, num_classes, image_shape)
-        distiller = Distiller(student, clean, robust, attack_steps=FLAGS.attack_steps)
+        student = models.build_model(setup.student, num_classes, image_shape)
+        clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
+        robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
+        distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
         distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit_compile)
     return distiller
 
 
-def measure(jit_compile, strategy, matmul_rate):
+def measure(setup, jit_compile, strategy, matmul_rate):
     """Times full steps through Distiller.train_step and each of its parts; returns the JSON record."""
     import numpy as np
     import tensorflow as tf
     from mtard_tf import attacks
-    distiller = build(jit_compile, strategy)
-    batch = FLAGS.batch_size
+    distiller = build(setup, jit_compile, strategy)
+    batch = setup.batch_size
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 1, (batch, 32, 32, 3)), tf.float32)
     labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
@@ -101,7 +115,7 @@ def measure(jit_compile, strategy, matmul_rate):
     distiller.make_train_function()
     train_function = distiller.train_function
     seconds_per_step = time_per_call(lambda: tf.nest.map_structure(
-        lambda v: v.numpy(), train_function(iterator)), FLAGS.warmup, FLAGS.steps)
+        lambda v: v.numpy(), train_function(iterator)), setup.warmup, setup.steps)
 
     def run_part(part):
         compiled = tf.function(lambda x, y: strategy.run(part, args=(x, y)), jit_compile=jit_compile)
@@ -109,7 +123,7 @@ def measure(jit_compile, strategy, matmul_rate):
             outputs = compiled(images, labels)
             tf.nest.map_structure(lambda v: v.numpy() if hasattr(v, "numpy") else v,
                                   strategy.experimental_local_results(outputs))
-        return time_per_call(call, FLAGS.warmup, FLAGS.steps)
+        return time_per_call(call, setup.warmup, setup.steps)
 
     one = tf.constant(1.0)
     step = tf.constant(0, tf.int64)
@@ -124,14 +138,14 @@ def measure(jit_compile, strategy, matmul_rate):
     flops_per_image = {name: forward_flops(model, (32, 32, 3)) for name, model in
                        (("student", distiller.student), ("clean_teacher", distiller.clean_teacher),
                         ("robust_teacher", distiller.robust_teacher))}
-    step_flops = batch * (flops_per_image["student"] * (2 * FLAGS.attack_steps + 6)
+    step_flops = batch * (flops_per_image["student"] * (2 * setup.attack_steps + 6)
                           + flops_per_image["clean_teacher"] + flops_per_image["robust_teacher"])
     achieved = step_flops / seconds_per_step
     return {
-        "config": {"student": FLAGS.student, "clean_teacher": FLAGS.clean_teacher_arch,
-                   "robust_teacher": FLAGS.robust_teacher_arch, "batch_size": batch,
-                   "attack_steps": FLAGS.attack_steps, "replicas": strategy.num_replicas_in_sync,
-                   "jit_compile": jit_compile, "precision": FLAGS.precision,
+        "config": {"student": setup.student, "clean_teacher": setup.clean_teacher,
+                   "robust_teacher": setup.robust_teacher, "batch_size": batch,
+                   "attack_steps": setup.attack_steps, "replicas": strategy.num_replicas_in_sync,
+                   "jit_compile": jit_compile, "precision": setup.precision,
                    "device": "GPU" if tf.config.list_logical_devices("GPU") else "CPU"},
         "images_per_s": round(batch / seconds_per_step, 2),
         "ms_per_step": round(1000 * seconds_per_step, 1),
@@ -147,11 +161,11 @@ def measure(jit_compile, strategy, matmul_rate):
     }
 
 
-def pipeline_images_per_second(batches):
+def pipeline_images_per_second(dataset, data_dir, batch_size, batches):
     from mtard_tf import data
-    iterator = iter(data.train_dataset(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size))
+    iterator = iter(data.train_dataset(dataset, data_dir, batch_size))
     next(iterator)
-    return FLAGS.batch_size * batches / _timed(lambda: [next(iterator) for _ in range(batches)])
+    return batch_size * batches / _timed(lambda: [next(iterator) for _ in range(batches)])
 
 
 def main(argv):
@@ -161,10 +175,12 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     startup.start_tensorflow(verbose)
     import keras
-    from mtard_tf import training
-    training.set_cpu_replicas(FLAGS.cpu_replicas)
+    from mtard_tf import distribute
+    distribute.set_cpu_replicas(FLAGS.cpu_replicas)
     keras.mixed_precision.set_global_policy(FLAGS.precision)
-    strategy = training.make_strategy()
+    strategy = distribute.make_strategy()
+    setup = Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
+                  FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, FLAGS.precision)
     if FLAGS.batch_size % strategy.num_replicas_in_sync:
         print(f"error: batch size {FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
               file=sys.stderr)
@@ -176,10 +192,10 @@ def main(argv):
             print(json.dumps({"config": {"jit_compile": True, "replicas": strategy.num_replicas_in_sync},
                               "skipped": "XLA does not work under MirroredStrategy with several replicas"}))
             continue
-        print(json.dumps(measure(jit_compile, strategy, matmul_rate)), flush=True)
+        print(json.dumps(measure(setup, jit_compile, strategy, matmul_rate)), flush=True)
     if FLAGS.pipeline_batches:
-        print(json.dumps({"input_pipeline_images_per_s": round(pipeline_images_per_second(FLAGS.pipeline_batches),
-                                                               1), "batch_size": FLAGS.batch_size}))
+        rate = pipeline_images_per_second(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size, FLAGS.pipeline_batches)
+        print(json.dumps({"input_pipeline_images_per_s": round(rate, 1), "batch_size": FLAGS.batch_size}))
     return 0
 
 

@@ -15,9 +15,14 @@ import signal
 
 import keras
 import tensorflow as tf
+from mtard_tf.errors import UserError
 
 
-class NonFiniteLossError(RuntimeError):
+class CheckpointMismatchError(UserError, ValueError):
+    """The run's directory holds checkpoints of another run (another architecture or method)."""
+
+
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN or infinite loss."""
 
 
@@ -65,7 +70,7 @@ class StepCheckpoints:
                     self.trainer.optimizer.build(self.trainer.model.trainable_variables)
                 self.checkpoint.restore(latest).assert_existing_objects_matched()
         except (AssertionError, ValueError, tf.errors.OpError) as error:
-            raise ValueError(f"checkpoint {latest} does not fit this run (another architecture or method?): use "
+            raise CheckpointMismatchError(f"checkpoint {latest} does not fit this run (another architecture or method?): use "
                              f"another --model_dir or delete {self.directory}. Details: "
                              f"{str(error).splitlines()[0]}") from error
         return self.step()

@@ -14,9 +14,10 @@ import dataclasses
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from mtard_tf.errors import UserError
 
 
-class DataUnavailableError(RuntimeError):
+class DataUnavailableError(UserError, RuntimeError):
     """The dataset is unknown or not prepared where we were told to look."""
 
 

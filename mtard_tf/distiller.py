@@ -57,11 +57,6 @@ class Distiller(Trainer):
     def student(self):
         return self.model
 
-    def balance_state(self):
-        return {"temperature_adv": self.temperature_adv, "temperature_nat": self.temperature_nat,
-                "weight_adv": self.weight_adv, "weight_nat": self.weight_nat,
-                "initial_kl_adv": self.initial_kl_adv, "initial_kl_nat": self.initial_kl_nat}
-
     def update_loss_weights(self, kl_adv, kl_nat, step):
         """Normalization Loss Balance (resnet18_mtard_cifar10.py L137-166); the first step's losses become L(0)."""
         first = self.initial_kl_set < 0.5

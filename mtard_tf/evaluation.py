@@ -93,7 +93,7 @@ def _white_box_attack(name):
         y = tf.cast(tf.convert_to_tensor(y), tf.int32)
         image_shape = tuple(x.shape[1:])
         key = ("white_box", name, image_shape, float(epsilon), bool(jit_compile))
-        run = autoattack._cached(model, key, lambda m: _build_white_box(  # pylint: disable=protected-access
+        run = autoattack.cached_function(model, key, lambda m: _build_white_box(
             m, image_shape, epsilon=epsilon, jit_compile=jit_compile, **config))
         return run(x, y, tf.constant([int(seed), 0], tf.int64))
 

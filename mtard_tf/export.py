@@ -1,4 +1,4 @@
-"""Export a trained student as a versioned SavedModel that TF Serving loads as it is (issue 5).
+"""Export a trained student as a versioned SavedModel that TF Serving loads as it is.
 
 Layout (what TF Serving's file-system source watches)::
 
@@ -48,6 +48,11 @@ import tensorflow as tf
 import keras
 
 from mtard_tf import files
+from mtard_tf.errors import UserError
+
+
+class ExportError(UserError, ValueError):
+    """A model, name or version that cannot be exported as asked."""
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_ENCODED = "predict_encoded"
@@ -82,10 +87,10 @@ def _image_shape(model):
     try:
         shape = model.input_shape
     except (AttributeError, ValueError) as e:  # e.g. a subclassed model never built on a keras.Input
-        raise ValueError(f"export_model needs a model with a defined input shape (build it on a keras.Input): {e}")
+        raise ExportError(f"export_model needs a model with a defined input shape (build it on a keras.Input): {e}")
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[3] == 3
             and isinstance(shape[1], int) and isinstance(shape[2], int)):
-        raise ValueError(
+        raise ExportError(
             f"export_model needs a single-input image model with input shape (batch, H, W, 3) and fixed H, W; "
             f"got model.input_shape={shape!r}")
     return shape[1], shape[2]
@@ -177,10 +182,10 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
       The absolute path of the published version directory.
 
     Raises:
-      ValueError: bad model name, model shape, class names or version, or the version already exists.
+      ExportError: bad model name, model shape, class names or version, or the version already exists.
     """
     if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
-        raise ValueError(f"model_name must match {_MODEL_NAME_RE.pattern} (it is a directory and a URL part); "
+        raise ExportError(f"model_name must match {_MODEL_NAME_RE.pattern} (it is a directory and a URL part); "
                          f"got {model_name!r}")
     height, width = _image_shape(model)
     class_names = [str(c) for c in class_names]
@@ -190,19 +195,19 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
         output_shape = None
     num_classes = output_shape[-1] if isinstance(output_shape, tuple) else None
     if num_classes is not None and len(class_names) != num_classes:
-        raise ValueError(f"model has {num_classes} outputs but {len(class_names)} class names were given")
+        raise ExportError(f"model has {num_classes} outputs but {len(class_names)} class names were given")
     if int(warmup_examples) < 0:
-        raise ValueError(f"warmup_examples must be >= 0; got {warmup_examples}")
+        raise ExportError(f"warmup_examples must be >= 0; got {warmup_examples}")
 
     model_dir = os.path.abspath(os.path.join(export_dir, model_name))
     os.makedirs(model_dir, exist_ok=True)
     if version is None:
         version = next_version(model_dir)
     elif isinstance(version, bool) or int(version) != version or version < 1:
-        raise ValueError(f"version must be a positive integer; got {version!r}")
+        raise ExportError(f"version must be a positive integer; got {version!r}")
     version = int(version)
     if version in _numeric_versions(model_dir):
-        raise ValueError(f"version {version} of model {model_name!r} already exists under {model_dir}; "
+        raise ExportError(f"version {version} of model {model_name!r} already exists under {model_dir}; "
                          f"not overwriting it (omit the version to use {next_version(model_dir)})")
 
     final_dir = os.path.join(model_dir, str(version))
@@ -224,7 +229,7 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
             _write_warmup(os.path.join(tmp_dir, WARMUP_FILE), model_name, height, width, int(warmup_examples))
         files.fsync_tree(tmp_dir)
         if os.path.lexists(final_dir):  # another exporter published this version meanwhile
-            raise ValueError(f"version directory {final_dir} appeared during the export; not overwriting it")
+            raise ExportError(f"version directory {final_dir} appeared during the export; not overwriting it")
         os.replace(tmp_dir, final_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -79,3 +79,10 @@ def save_figure(figure, path):
 def write_json(path, payload):
     """`payload` as indented JSON with sorted keys."""
     return write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(model, path):
+    """model.save (a .keras file), complete or absent."""
+    with atomic_path(path) as temporary:
+        model.save(temporary)
+    return path

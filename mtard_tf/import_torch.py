@@ -26,6 +26,7 @@ import sys
 import numpy as np
 
 from mtard_tf import models
+from mtard_tf.errors import UserError
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -44,7 +45,7 @@ NORMALIZATION_KEYS = (
 _LISTED = 8  # names listed per category in an error message
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read or does not fit the architecture; the message is one line."""
 
 
@@ -278,7 +279,7 @@ def main(argv):
     try:
         model = convert_checkpoint(FLAGS.arch, FLAGS.checkpoint, FLAGS.num_classes, FLAGS.out,
                                    trust_checkpoint=FLAGS.trust_checkpoint)
-    except (CheckpointError, ValueError) as error:
+    except UserError as error:
         print(f"import_torch: error: {error}", file=sys.stderr)
         return 1
     print(f"import_torch: wrote {FLAGS.out} ({model.name}, {model.count_params():,} weights) from {FLAGS.checkpoint}")

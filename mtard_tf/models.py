@@ -36,6 +36,13 @@ Mixed precision: the classifier is a float32 Dense, so the logits are float32 un
 
 import keras
 
+from mtard_tf.errors import UserError
+
+
+class ModelSpecError(UserError, ValueError):
+    """A model spec (NAME:key=value,...) or model argument that cannot build a model."""
+
+
 # Per-channel (mean, std) of the published normalised training pipelines (chenyaofo/pytorch-cifar-models).
 NORMALIZATION_PRESETS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
@@ -62,7 +69,7 @@ def resolve_normalization(normalize):
         except ValueError:
             numbers = []
         if len(numbers) != 6 or any(s <= 0 for s in numbers[3:]):
-            raise ValueError(
+            raise ModelSpecError(
                 f"normalize={normalize!r}: expected none, {', '.join(sorted(NORMALIZATION_PRESETS))} or six numbers "
                 "m0/m1/m2/s0/s1/s2 (positive stds)")
         return tuple(numbers[:3]), tuple(numbers[3:])
@@ -124,7 +131,7 @@ def _inputs(input_shape, normalize):
     if stats is not None:
         mean, std = stats
         if len(mean) != input_shape[-1]:
-            raise ValueError(f"normalize has {len(mean)} channels, the input has {input_shape[-1]}")
+            raise ModelSpecError(f"normalize has {len(mean)} channels, the input has {input_shape[-1]}")
         x = keras.layers.Normalization(
             axis=-1, mean=list(mean), variance=[s * s for s in std], name="normalize")(x)
     return inputs, x
@@ -132,7 +139,7 @@ def _inputs(input_shape, normalize):
 
 def _positive_int(value, what):
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+        raise ModelSpecError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
@@ -184,7 +191,7 @@ def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, widt
     depth = _positive_int(depth, "depth")
     width = _positive_int(width, "width")
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...), got {depth}")
+        raise ModelSpecError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...), got {depth}")
     blocks = (depth - 2) // 6
     return _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks,
                                multipliers=(1, 2, 4), shortcut="downsample", head="fc")
@@ -198,7 +205,7 @@ def _wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=34, widen
     depth = _positive_int(depth, "depth")
     widen = _positive_int(widen, "widen")
     if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+        raise ModelSpecError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
     n = (depth - 4) // 6
     channels = (16, 16 * widen, 32 * widen, 64 * widen)
     b = _Builder(sync_batchnorm)
@@ -243,9 +250,9 @@ _MOBILENETV2_CFG = (  # (expansion, out_planes, num_blocks, stride)
 def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplier=1.0, max_blocks=0,
                  normalize=None):
     if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
-        raise ValueError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
+        raise ModelSpecError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
     if not isinstance(max_blocks, int) or isinstance(max_blocks, bool) or max_blocks < 0:
-        raise ValueError(f"max_blocks must be a non-negative integer (0: no cap), got {max_blocks!r}")
+        raise ModelSpecError(f"max_blocks must be a non-negative integer (0: no cap), got {max_blocks!r}")
 
     def scaled(channels):
         return max(1, int(round(channels * width_multiplier)))
@@ -316,11 +323,11 @@ def _parse_value(text):
 def parse_model_spec(spec):
     """"resnet18:width=8,blocks=1" -> ("resnet18", {"width": 8, "blocks": 1}); ValueError on a bad spec."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"empty model spec {spec!r}; available models: {', '.join(available_models())}")
+        raise ModelSpecError(f"empty model spec {spec!r}; available models: {', '.join(available_models())}")
     name, _, arguments = spec.strip().partition(":")
     name = name.strip()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r} in spec {spec!r}; available models: {', '.join(available_models())}")
+        raise ModelSpecError(f"unknown model {name!r} in spec {spec!r}; available models: {', '.join(available_models())}")
     defaults = _REGISTRY[name][1]
     kwargs = {}
     for item in arguments.split(","):
@@ -329,12 +336,12 @@ def parse_model_spec(spec):
         key, equals, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not equals or not key or not value:
-            raise ValueError(f"bad argument {item.strip()!r} in model spec {spec!r}: expected key=value")
+            raise ModelSpecError(f"bad argument {item.strip()!r} in model spec {spec!r}: expected key=value")
         if key not in defaults:
-            raise ValueError(
+            raise ModelSpecError(
                 f"unknown argument {key!r} for model {name!r} in spec {spec!r}; allowed: {', '.join(sorted(defaults))}")
         if key in kwargs:
-            raise ValueError(f"argument {key!r} given twice in model spec {spec!r}")
+            raise ModelSpecError(f"argument {key!r} given twice in model spec {spec!r}")
         kwargs[key] = _parse_value(value)
     return name, kwargs
 
@@ -350,7 +357,7 @@ def _check_types(name, kwargs, spec):
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if default is not None and not isinstance(value, type(default)):
-            raise ValueError(
+            raise ModelSpecError(
                 f"argument {key}={value!r} for model {name!r} in spec {spec!r} must be {type(default).__name__}")
         checked[key] = value
     return checked
@@ -360,7 +367,7 @@ def build_model(spec, num_classes, input_shape=(32, 32, 3), sync_batchnorm=False
     """Builds the (uncompiled) Keras model named by `spec`, mapping [0, 1] images to float32 logits."""
     name, kwargs = parse_model_spec(spec)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise ModelSpecError(f"num_classes must be a positive integer, got {num_classes!r}")
     kwargs = _check_types(name, kwargs, spec)
     constructor, defaults = _REGISTRY[name]
     return constructor(name, num_classes, tuple(input_shape), bool(sync_batchnorm), **{**defaults, **kwargs})

@@ -4,33 +4,17 @@ A stage whose output exists and is valid is skipped, so re-running the same comm
 continues where it stopped; inside a training stage, training resumes from its last step checkpoint.
 """
 
-import dataclasses
 import hashlib
 import json
 import os
 import time
 
-import keras
 import tensorflow as tf
 
-from mtard_tf import data, evaluation, export, files, plot, teachers, training
+from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, plot, teachers, training
 from mtard_tf.distiller import BALANCES
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
-
-
-@dataclasses.dataclass
-class EvalConfig:
-    attacks: tuple = evaluation.ATTACK_NAMES
-    num_examples: int | None = None
-    batch_size: int = 250
-
-
-@dataclasses.dataclass
-class ExportConfig:
-    export_dir: str = "saved_models"
-    model_name: str = "mtard_student"
-    version: int | None = None
 
 
 def file_sha256(path):
@@ -43,9 +27,9 @@ def file_sha256(path):
 
 def teacher_stage(config, kind, strategy):
     """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
-    given = config.clean_teacher if kind == "clean" else config.robust_teacher
-    path = given or training.teacher_path(config.model_dir, kind)
-    info = data.load_info(config.dataset, config.data_dir)
+    given = config.teacher(kind).file
+    path = given or training.teacher_path(config.runtime.model_dir, kind)
+    info = data.load_info(config.data.dataset, config.data.data_dir)
     if given or os.path.exists(path):
         teachers.load_teacher(path, info.image_shape, info.num_classes)  # raises with a clear message if invalid
         print(f"{kind} teacher: using {path}")
@@ -57,15 +41,15 @@ def teacher_stage(config, kind, strategy):
 def student_stage(config, strategy):
     """`<model_dir>/student.keras`, trained now with `config.method` unless it exists (checked, then reused); and
     the picture of its balancing dynamics for the two-teacher methods."""
-    path = os.path.join(config.model_dir, "student.keras")
+    path = os.path.join(config.runtime.model_dir, "student.keras")
     if os.path.exists(path):
-        info = data.load_info(config.dataset, config.data_dir)
-        teachers.load_teacher(path, info.image_shape, info.num_classes)
+        info = data.load_info(config.data.dataset, config.data.data_dir)
+        teachers.load_model(path, info.image_shape, info.num_classes, what="student")
         print(f"student: using {path}")
     else:
         print(f"student: training {path} with {config.method}")
-        path = training.train_student(config, config.method, strategy)[0]
-    if training.is_chief(strategy):
+        path = training.train_student(config, strategy)[0]
+    if distribute.is_chief(strategy):
         balance_picture(config)
     return path
 
@@ -75,10 +59,11 @@ def balance_picture(config):
     student; None for methods without balancing state."""
     if config.method not in BALANCES:
         return None
-    path = os.path.join(config.model_dir, "balance.png")
-    student = os.path.join(config.model_dir, "student.keras")
+    model_dir = config.runtime.model_dir
+    path = os.path.join(model_dir, "balance.png")
+    student = os.path.join(model_dir, "student.keras")
     if not os.path.exists(path) or os.path.getmtime(path) < os.path.getmtime(student):
-        plot.plot_balance(config.model_dir, path)
+        plot.plot_balance(model_dir, path)
         print(f"balancing dynamics: {path}")
     return path
 
@@ -103,32 +88,34 @@ def model_selection(model_path):
         return json.load(f).get("selection")
 
 
-def evaluate_stage(config, eval_config, model_path, output_dir, attacks=None, reuse=True):
-    """Runs the evaluation suite on a .keras model, unless `reuse` and an up-to-date report exists."""
-    attacks = tuple(attacks or eval_config.attacks)
+def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
+    """Runs the evaluation suite (`config.eval`) on a .keras model, unless `reuse` and an up-to-date report
+    exists."""
+    settings = config.eval
+    attacks = tuple(attacks or settings.attacks)
     report_path = os.path.join(output_dir, "report.json")
-    if reuse and _report_is_current(report_path, model_path, attacks, eval_config.num_examples):
+    if reuse and _report_is_current(report_path, model_path, attacks, settings.num_examples):
         print(f"evaluation of {model_path}: using {report_path}")
     else:
-        info = data.load_info(config.dataset, config.data_dir)
-        model = keras.models.load_model(model_path, compile=False)
-        teachers.check_model_fits(model, info.image_shape, info.num_classes, what=f"model {model_path}")
-        dataset = data.eval_dataset(config.dataset, config.data_dir, eval_config.batch_size,
-                                    eval_config.num_examples)
+        info = data.load_info(config.data.dataset, config.data.data_dir)
+        model = teachers.load_model(model_path, info.image_shape, info.num_classes, what="model")
+        dataset = data.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+                                    settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
         print(f"evaluation of {model_path}: {', '.join(attacks)}")
-        evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.epsilon,
-                            num_examples=eval_config.num_examples, batch_size=eval_config.batch_size,
-                            seed=config.seed, output_dir=output_dir, summary_writer=writer,
-                            progress=bool(config.verbose), selection=model_selection(model_path))
+        evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.attack.epsilon,
+                            num_examples=settings.num_examples, batch_size=settings.batch_size,
+                            seed=config.runtime.seed, output_dir=output_dir, summary_writer=writer,
+                            progress=bool(config.runtime.verbose), selection=model_selection(model_path))
         writer.close()
     with open(report_path) as f:
         return json.load(f)
 
 
-def export_stage(config, export_config, student_path, reuse=True):
-    """Exports the student for TF Serving, unless `reuse` and this very student file was exported already."""
-    marker = os.path.join(config.model_dir, "export.json")
+def export_stage(config, student_path, reuse=True):
+    """Exports the student for TF Serving (`config.export`), unless `reuse` and this very student file was exported
+    already."""
+    marker = os.path.join(config.runtime.model_dir, "export.json")
     digest = file_sha256(student_path)
     if reuse and os.path.exists(marker):
         with open(marker) as f:
@@ -136,10 +123,10 @@ def export_stage(config, export_config, student_path, reuse=True):
         if previous.get("student_sha256") == digest and os.path.isdir(previous.get("path", "")):
             print(f"export: using {previous['path']}")
             return previous["path"]
-    info = data.load_info(config.dataset, config.data_dir)
-    model = keras.models.load_model(student_path, compile=False)
-    path = export.export_model(model, export_config.export_dir, export_config.model_name, list(info.class_names),
-                               version=export_config.version)
+    info = data.load_info(config.data.dataset, config.data.data_dir)
+    model = teachers.load_model(student_path, info.image_shape, info.num_classes, what="model")
+    path = export.export_model(model, config.export.export_dir, config.export.model_name, list(info.class_names),
+                               version=config.export.version)
     files.write_json(marker, {"student_sha256": digest, "path": path})
     print(f"export: {path}")
     return path
@@ -163,7 +150,7 @@ class StageTimer:
         return result
 
 
-def run_all(config, eval_config, export_config, strategy):
+def run_all(config, strategy):
     """Teachers -> student -> evaluation -> export; prints and returns a summary.
 
     On a multi-worker run every worker trains; the chief alone then evaluates and exports.
@@ -171,33 +158,31 @@ def run_all(config, eval_config, export_config, strategy):
     timed = StageTimer()
     clean_path = timed("clean teacher", teacher_stage, config, "clean", strategy)
     robust_path = timed("robust teacher", teacher_stage, config, "robust", strategy)
-    config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
+    config = config_lib.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
     student_path = timed("student", student_stage, config, strategy)
-    if not training.is_chief(strategy):
+    if not distribute.is_chief(strategy):
         print(f"non-chief worker: training done; the chief evaluates and exports {student_path}")
         return {"clean_teacher": clean_path, "robust_teacher": robust_path, "student": student_path,
                 "seconds": timed.seconds}
-    eval_dir = os.path.join(config.model_dir, "eval")
+    eval_dir = os.path.join(config.runtime.model_dir, "eval")
     reports = {
-        "clean teacher": (clean_path, timed("evaluate clean teacher", evaluate_stage, config, eval_config, clean_path,
+        "clean teacher": (clean_path, timed("evaluate clean teacher", evaluate_stage, config, clean_path,
                                             os.path.join(eval_dir, "clean_teacher"), TEACHER_ATTACKS)),
-        "robust teacher": (robust_path, timed("evaluate robust teacher", evaluate_stage, config, eval_config,
-                                              robust_path, os.path.join(eval_dir, "robust_teacher"),
-                                              TEACHER_ATTACKS)),
-        "student": (student_path, timed("evaluate student", evaluate_stage, config, eval_config, student_path,
-                                        eval_dir)),
+        "robust teacher": (robust_path, timed("evaluate robust teacher", evaluate_stage, config, robust_path,
+                                              os.path.join(eval_dir, "robust_teacher"), TEACHER_ATTACKS)),
+        "student": (student_path, timed("evaluate student", evaluate_stage, config, student_path, eval_dir)),
     }
-    export_path = timed("export", export_stage, config, export_config, student_path)
+    export_path = timed("export", export_stage, config, student_path)
 
     num_examples = reports["student"][1]["attacks"]["clean"]["num_examples"]
-    lines = [f"== mtard_tf: done. Accuracy on the first {num_examples} {config.dataset} test images ==",
+    lines = [f"== mtard_tf: done. Accuracy on the first {num_examples} {config.data.dataset} test images ==",
              f"{'model':<15} {'clean':>7} {'PGD-20':>7} {'AA':>7}  file"]
     for name, (path, report) in reports.items():
         lines.append(f"{name:<15} {_accuracy(report, 'clean')} {_accuracy(report, 'pgd_sat')} "
                      f"{_accuracy(report, 'autoattack')}  {path}")
     lines += [f"evaluation report: {os.path.join(eval_dir, 'report.md')}",
               f"TF Serving export: {export_path}",
-              f"TensorBoard:       tensorboard --logdir {config.model_dir}",
+              f"TensorBoard:       tensorboard --logdir {config.runtime.model_dir}",
               "wall time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timed.seconds.items())]
     print("\n".join(lines))
     return {"clean_teacher": clean_path, "robust_teacher": robust_path, "student": student_path,

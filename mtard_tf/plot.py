@@ -24,10 +24,20 @@ import sys
 from absl import app, flags, logging
 
 from mtard_tf import files, startup
+from mtard_tf.errors import UserError
 
 FLAGS = flags.FLAGS
 
-# The distiller's balancing tags (mtard_tf.summaries.STEP_TAGS without loss and learning_rate), panel by panel.
+
+class LogsNotFoundError(UserError, FileNotFoundError):
+    """No TensorBoard logs where a run's should be."""
+
+
+class NoBalancingTagsError(UserError, ValueError):
+    """TensorBoard logs of a run that has no balancing state (not a B-MTARD / MTARD distillation)."""
+
+
+# The distiller's balancing tags (what Distiller.train_step logs besides loss and learning_rate), panel by panel.
 PANELS = (
     ("Teacher temperatures (Entropy-Based Balance)", "temperature τ", ("temperature_adv", "temperature_nat"),
      ("τ_adv (robust teacher)", "τ_nat (clean teacher)")),
@@ -48,14 +58,14 @@ def read_step_scalars(log_dir):
     Both TF2 tensor summaries (tf.summary.scalar, as mtard_tf.summaries writes them) and TF1 scalar summaries are
     read; non-scalar tensors (histograms, images) are skipped. A step logged more than once (a resumed run re-logs
     the steps it redid) keeps the value written last (latest wall time, then reading order); steps are sorted.
-    Raises FileNotFoundError if `log_dir` is not a directory.
+    Raises LogsNotFoundError if `log_dir` is not a directory.
     """
     import numpy as np
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.util import tensor_util
 
     if not os.path.isdir(log_dir):
-        raise FileNotFoundError(f"no TensorBoard log directory {log_dir}")
+        raise LogsNotFoundError(f"no TensorBoard log directory {log_dir}")
     # Keep everything (no reservoir sampling) and do not let the accumulator drop re-logged steps: that is done
     # here, by wall time.
     events = EventAccumulator(log_dir, size_guidance={"tensors": 0, "scalars": 0}, purge_orphaned_data=False)
@@ -89,17 +99,17 @@ def plot_balance(model_dir, path=None):
     """Draws the balancing dynamics of the run in `model_dir` (read from `<model_dir>/tensorboard`) to `path`
     (default `<model_dir>/balance.png`) as a ~1000 x 1000 px PNG, written atomically. Returns the path.
 
-    Raises FileNotFoundError if there is no `<model_dir>/tensorboard`, ValueError if it logs none of the balancing
-    tags (a student trained without the two teachers). Tags missing from a partial log leave their curves out.
+    Raises LogsNotFoundError if there is no `<model_dir>/tensorboard`, NoBalancingTagsError if it logs none of the
+    balancing tags (a student trained without the two teachers). Tags missing from a partial log leave their curves out.
     """
     log_dir = os.path.join(model_dir, "tensorboard")
     if not os.path.isdir(log_dir):
-        raise FileNotFoundError(f"no TensorBoard logs: {log_dir} does not exist (is {model_dir} a run's model_dir?)")
+        raise LogsNotFoundError(f"no TensorBoard logs: {log_dir} does not exist (is {model_dir} a run's model_dir?)")
     scalars = read_step_scalars(log_dir)
     present = [tag for tag in BALANCE_TAGS if tag in scalars and len(scalars[tag][0])]
     if not present:
         found = ", ".join(sorted(scalars)) or "none"
-        raise ValueError(f"{log_dir} has none of the balancing tags {', '.join(BALANCE_TAGS)} (tags found: {found}); "
+        raise NoBalancingTagsError(f"{log_dir} has none of the balancing tags {', '.join(BALANCE_TAGS)} (tags found: {found}); "
                          "only a B-MTARD / MTARD distillation run logs them")
     path = path or os.path.join(model_dir, "balance.png")
 
@@ -156,7 +166,7 @@ def main(argv):
     startup.start_tensorflow(verbose)  # TensorBoard's reader loads TensorFlow when installed
     try:
         print(plot_balance(FLAGS.model_dir, FLAGS.output))
-    except (ValueError, OSError) as error:
+    except UserError as error:
         sys.exit(f"error: {error}")
 
 

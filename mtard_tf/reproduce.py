@@ -12,7 +12,7 @@ and students with the same attacks (the paper's evaluation protocol), and writes
     tradeoff.png     clean accuracy against AutoAttack accuracy, one labelled point per model
 
 --recipe=equal trains every method with the same configuration (these flags). --recipe=reference trains each method
-with its reference recipe, `<recipe_dir>/<method>.cfg` (lines `--field=value` overriding training.RunConfig fields),
+with its reference recipe, `<recipe_dir>/<method>.cfg` (`--flag=value` lines overriding the run's flags),
 whose epochs and milestones, given in the reference's epochs, are scaled by --epochs / 300 (B-MTARD's reference
 trains 300 epochs). --seeds=0,1,2 trains every method's student once per seed; the teachers are shared (--seed).
 
@@ -24,22 +24,22 @@ from its last checkpoint, so re-running the command continues where it stopped. 
 (`--method` is replaced by `--methods`).
 """
 
-import dataclasses
 import json
 import os
 import time
-import typing
 
 from absl import app, flags
 
-from mtard_tf import files
-from mtard_tf import main as cli  # defines the shared flags
+from mtard_tf import config as config_lib, files, startup
+from mtard_tf.errors import UserError
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("methods", list(cli.METHOD_NAMES), "Student methods to train and compare, in table order.")
-flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(cli.METHOD_NAMES) and len(set(v)) == len(v),
-                         f"--methods must be distinct names from {','.join(cli.METHOD_NAMES)}")
+config_lib.define_flags(FLAGS)
+flags.DEFINE_list("methods", list(config_lib.METHOD_NAMES), "Student methods to train and compare, in table order.")
+flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(config_lib.METHOD_NAMES)
+                         and len(set(v)) == len(v),
+                         f"--methods must be distinct names from {','.join(config_lib.METHOD_NAMES)}")
 
 RECIPES = ("equal", "reference")
 flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once per "
@@ -64,18 +64,15 @@ SIGNIFICANCE_LEVEL = 0.05
 RECIPE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "flags", "methods")
 # The recipes give epochs and milestones in the reference's epochs; B-MTARD's reference trains 300.
 REFERENCE_EPOCHS = 300
-# RunConfig fields a recipe may not set: reproduce sets them for every method alike, or they configure the teachers,
-# which all methods share (trained once with the run's flags).
-_NOT_IN_RECIPES = {
-    "dataset": "the data", "data_dir": "the data", "model_dir": "the output directories", "seed": "the seeds",
-    "method": "the method", "balance": "the method", "student": "the student architecture",
-    "clean_teacher": "the teachers", "robust_teacher": "the teachers", "clean_teacher_arch": "the teachers",
-    "robust_teacher_arch": "the teachers", "clean_teacher_epochs": "the teachers",
-    "robust_teacher_epochs": "the teachers", "teacher_learning_rate": "the teachers",
-    "clean_teacher_schedule": "the teachers", "robust_teacher_schedule": "the teachers",
-    "clean_teacher_milestones": "the teachers", "robust_teacher_milestones": "the teachers",
-    "robust_method": "the teachers", "select": "the model selection", "select_examples": "the model selection",
-    "holdout_examples": "the model selection",
+# Flags a recipe may not set: reproduce sets them for every method alike, or they configure the teachers, which all
+# methods share (trained once with the run's flags).
+NOT_IN_RECIPES = {
+    **{name: "the data" for name in ("dataset", "data_dir", "download")},
+    "model_dir": "the output directories", "seed": "the seeds", "method": "the method",
+    "student": "the student architecture",
+    **{option.name: "the teachers" for option in config_lib.options() if option.path[0].endswith("_teacher")},
+    **{option.name: "the model selection" for option in config_lib.options() if option.path[0] == "selection"},
+    **{option.name: "the evaluation" for option in config_lib.options() if option.path[0] in ("eval", "export")},
 }
 
 
@@ -84,70 +81,31 @@ _NOT_IN_RECIPES = {
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _convert(text, current, annotation):
-    """A recipe value, parsed like the RunConfig field it overrides (by its current value's type)."""
-    if current is None:  # an optional field (e.g. steps_per_epoch): its annotated type, or none
-        if text.strip().lower() in ("", "none"):
-            return None
-        kinds = [t for t in typing.get_args(annotation) if t is not type(None)] or [str]
-        current = kinds[0]()
-    if isinstance(current, bool):
-        if text.strip().lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"expected true or false, got '{text}'")
-        return text.strip().lower() in ("true", "1")
-    if isinstance(current, int):
-        return int(text)
-    if isinstance(current, float):
-        try:
-            return float(text)
-        except ValueError:
-            import fractions
-            return float(fractions.Fraction(text.strip()))  # e.g. 2/255
-    if isinstance(current, tuple):
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    return text
-
-
-def read_recipe(path, config):
-    """{field: value} of a recipe file: `--field=value` lines (blank and `#` lines ignored), each value parsed like
-    the RunConfig field. Raises ValueError naming the file and line for anything else."""
-    fields = {field.name: field for field in dataclasses.fields(config)}
-    overrides = {}
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{path}, line {number}"
-            if not line.startswith("--") or "=" not in line:
-                raise ValueError(f"{where}: expected --name=value, got '{line}'")
-            name, text = line[2:].split("=", 1)
-            name = name.strip()
-            if name not in fields:
-                raise ValueError(f"{where}: unknown setting --{name} (not a training.RunConfig field)")
-            if name in _NOT_IN_RECIPES:
-                raise ValueError(f"{where}: --{name} cannot be part of a method's recipe (reproduce sets "
-                                 f"{_NOT_IN_RECIPES[name]} for every method alike)")
-            try:
-                overrides[name] = _convert(text, getattr(config, name), fields[name].type)
-            except ValueError as error:
-                raise ValueError(f"{where}: bad value for --{name}: {error}") from None
+def read_recipe(path):
+    """{flag name: value} of a recipe file (`--name=value` lines, `#` comments), parsed with the run's own flags
+    (config.read_flagfile). ConfigError naming the file for an unknown flag, a bad value or a setting that a recipe
+    may not change."""
+    overrides = config_lib.read_flagfile(path)
+    for name in overrides:
+        if name in NOT_IN_RECIPES:
+            raise config_lib.ConfigError(f"{path}: --{name} cannot be part of a method's recipe (reproduce sets "
+                                         f"{NOT_IN_RECIPES[name]} for every method alike)")
     return overrides
 
 
 def scale_schedule(config, overrides):
-    """(epochs, milestones) of a recipe run with `config.epochs` epochs in place of the reference's 300.
+    """(epochs, milestones) of a recipe run with the run's epochs E in place of the reference's 300.
 
-    With scale = config.epochs / 300, the method trains round(recipe epochs x scale) epochs (at least 1; 300 when the
+    With scale = E / 300, the method trains round(recipe epochs x scale) epochs (at least 1; 300 when the
     recipe gives none), each recipe milestone m becomes round(m x scale); without recipe milestones, the run's
     milestones are stretched to the method's epochs. Milestones outside [1, epochs) are dropped.
     """
-    scale = config.epochs / REFERENCE_EPOCHS
+    scale = config.schedule.epochs / REFERENCE_EPOCHS
     epochs = max(1, round(overrides.get("epochs", REFERENCE_EPOCHS) * scale))
     if "milestones" in overrides:
         milestones = [round(m * scale) for m in overrides["milestones"]]
     else:
-        milestones = [round(m * epochs / config.epochs) for m in config.milestones]
+        milestones = [round(m * epochs / config.schedule.epochs) for m in config.schedule.milestones]
     return epochs, tuple(sorted({m for m in milestones if 1 <= m < epochs}))
 
 
@@ -156,7 +114,7 @@ def _jsonable(value):
 
 
 def method_recipe(config, method, recipe="equal", recipe_dir=None):
-    """(RunConfig overrides of `method`'s student, the record of the recipe for comparison.json).
+    """({flag: value} overrides of `method`'s student, the record of the recipe for comparison.json).
 
     equal: no overrides. reference: `<recipe_dir>/<method>.cfg` (read_recipe) with its schedule scaled
     (scale_schedule).
@@ -164,30 +122,29 @@ def method_recipe(config, method, recipe="equal", recipe_dir=None):
     if recipe == "equal":
         return {}, {"name": "equal", "file": None, "overrides": {}, "applied": {}}
     if recipe != "reference":
-        raise ValueError(f"unknown recipe '{recipe}', expected one of {', '.join(RECIPES)}")
+        raise config_lib.ConfigError(f"unknown recipe '{recipe}', expected one of {', '.join(RECIPES)}")
     path = os.path.join(recipe_dir or RECIPE_DIR, f"{method}.cfg")
     if not os.path.isfile(path):
-        raise ValueError(f"--recipe=reference: no recipe for method '{method}' ({path} does not exist; give "
+        raise config_lib.ConfigError(f"--recipe=reference: no recipe for method '{method}' ({path} does not exist; give "
                          "--recipe_dir, or leave the method out of --methods)")
-    overrides = read_recipe(path, config)
+    overrides = read_recipe(path)
     epochs, milestones = scale_schedule(config, overrides)
     applied = {**overrides, "epochs": epochs, "milestones": milestones}
     return applied, {"name": "reference", "file": os.path.abspath(path),
                      "overrides": {name: _jsonable(value) for name, value in overrides.items()},
                      "applied": {name: _jsonable(value) for name, value in applied.items()},
-                     "scale": config.epochs / REFERENCE_EPOCHS}
+                     "scale": config.schedule.epochs / REFERENCE_EPOCHS}
 
 
 def _teacher_row(config, kind, path, report):
-    given = config.clean_teacher if kind == "clean" else config.robust_teacher
-    trained_here = not given or os.path.abspath(given) == os.path.abspath(
-        os.path.join(config.model_dir, "teachers", f"{kind}.keras"))
-    method = "natural" if kind == "clean" else config.robust_method
-    arch = config.clean_teacher_arch if kind == "clean" else config.robust_teacher_arch
-    return _row(f"{kind} teacher", "teacher", method if trained_here else "given",
-                TEACHER_METHODS.get(method, method) if trained_here else "(given file)",
-                arch if trained_here else os.path.basename(path), path, report,
-                os.path.join(config.model_dir, "teachers", f"{kind}.json"))
+    teacher = config.teacher(kind)
+    model_dir = config.runtime.model_dir
+    trained_here = not teacher.file or os.path.abspath(teacher.file) == os.path.abspath(
+        os.path.join(model_dir, "teachers", f"{kind}.keras"))
+    return _row(f"{kind} teacher", "teacher", teacher.method if trained_here else "given",
+                TEACHER_METHODS.get(teacher.method, teacher.method) if trained_here else "(given file)",
+                teacher.arch if trained_here else os.path.basename(path), path, report,
+                os.path.join(model_dir, "teachers", f"{kind}.json"))
 
 
 def _row(name, role, method, display_name, arch, path, report, metrics_file):
@@ -227,17 +184,15 @@ def student_dir(model_dir, method, recipe="equal", seed=None):
 def student_config(config, method, seed=None, recipe="equal"):
     """The run configuration of one method's student, in its own directory (student_dir); `seed` (None: the
     config's, in the directory without a seed level) sets initialisation, data order and attack noise."""
-    from mtard_tf.distiller import BALANCES
-    return dataclasses.replace(config, model_dir=student_dir(config.model_dir, method, recipe, seed), method=method,
-                               balance=method if method in BALANCES else config.balance,
-                               seed=config.seed if seed is None else int(seed))
+    return config_lib.replace(config, model_dir=student_dir(config.runtime.model_dir, method, recipe, seed),
+                              method=method, seed=config.runtime.seed if seed is None else int(seed))
 
 
-def _evaluate(timed, name, config, eval_config, model_path, output_dir):
+def _evaluate(timed, name, config, model_path, output_dir):
     """pipeline.evaluate_stage, re-evaluating a report written before the per-image flags existed."""
     from mtard_tf import evaluation, pipeline
     reuse = os.path.exists(os.path.join(output_dir, evaluation.PER_IMAGE_FILE))
-    return timed(name, pipeline.evaluate_stage, config, eval_config, model_path, output_dir, reuse=reuse)
+    return timed(name, pipeline.evaluate_stage, config, model_path, output_dir, reuse=reuse)
 
 
 def _per_image_flags(eval_dir, attacks):
@@ -248,7 +203,7 @@ def _per_image_flags(eval_dir, attacks):
         results = json.load(f)["attacks"]
     for attack in attacks:
         if attack not in flags_by_attack or int(flags_by_attack[attack].sum()) != results[attack]["num_correct"]:
-            raise ValueError(f"{os.path.join(eval_dir, evaluation.PER_IMAGE_FILE)} does not match report.json for "
+            raise UserError(f"{os.path.join(eval_dir, evaluation.PER_IMAGE_FILE)} does not match report.json for "
                              f"{attack}; re-run the evaluation (delete {os.path.join(eval_dir, 'report.json')} and "
                              "run the command again)")
     return flags_by_attack, labels
@@ -260,7 +215,7 @@ def paired_tests(eval_dir, baseline_eval_dir, attacks):
     flags_a, labels_a = _per_image_flags(eval_dir, attacks)
     flags_b, labels_b = _per_image_flags(baseline_eval_dir, attacks)
     if labels_a.shape != labels_b.shape or not (labels_a == labels_b).all():
-        raise ValueError(f"the evaluations in {eval_dir} and {baseline_eval_dir} are not of the same test images "
+        raise UserError(f"the evaluations in {eval_dir} and {baseline_eval_dir} are not of the same test images "
                          f"({len(labels_a)} and {len(labels_b)} labels, not equal): re-run them with the same "
                          "--num_eval_examples")
     return {attack: stats.mcnemar_exact(flags_a[attack], flags_b[attack]) for attack in attacks}
@@ -303,55 +258,58 @@ def _student_row(method, display_name, arch, runs, recipe):
     return row
 
 
-def reproduce(config, eval_config, methods, strategy, seeds=None, recipe="equal", recipe_dir=None):
+def reproduce(config, methods, strategy, seeds=None, recipe="equal", recipe_dir=None):
     """Teachers, one student per method and seed, evaluation of all; writes comparison.{md,json} and tradeoff.png.
 
-    seeds: the students' seeds (default: config.seed alone); the teachers are trained and evaluated once, with
-    config.seed. recipe: "equal" (every method trains with `config`) or "reference" (each method with
+    seeds: the students' seeds (default: the run's seed alone); the teachers are trained and evaluated once, with
+    the run's seed. recipe: "equal" (every method trains with `config`) or "reference" (each method with
     `<recipe_dir>/<method>.cfg` on top of `config`, see method_recipe). Every student is compared with the B-MTARD
     student of the same seed (exact McNemar test on the clean and the strongest attack's per-image flags) when
     b_mtard is among `methods`. Returns the comparison (the content of comparison.json).
     """
-    from mtard_tf import baselines, pipeline
+    from mtard_tf import methods as method_registry, pipeline
 
     for method in methods:
-        baselines.get_method(method)  # an unknown name fails before hours of training
-    seeds = tuple(int(seed) for seed in seeds) if seeds else (config.seed,)
+        method_registry.get_method(method)  # an unknown name fails before hours of training
+    seeds = tuple(int(seed) for seed in seeds) if seeds else (config.runtime.seed,)
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"the seeds must be distinct, got {list(seeds)}")
-    seed_dirs = seeds != (config.seed,)  # a seed level in the student directories
+        raise config_lib.ConfigError(f"the seeds must be distinct, got {list(seeds)}")
+    seed_dirs = seeds != (config.runtime.seed,)  # a seed level in the student directories
+    model_dir = config.runtime.model_dir
     recipes = {method: method_recipe(config, method, recipe, recipe_dir) for method in methods}  # errors first
     start = time.time()
     timed = pipeline.StageTimer()
     clean_path = timed("clean teacher", pipeline.teacher_stage, config, "clean", strategy)
     robust_path = timed("robust teacher", pipeline.teacher_stage, config, "robust", strategy)
-    teacher_config = dataclasses.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
+    teacher_config = config_lib.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
     rows = []
     for kind, path in (("clean", clean_path), ("robust", robust_path)):
-        report = _evaluate(timed, f"evaluate {kind} teacher", config, eval_config, path,
-                           os.path.join(config.model_dir, "eval", f"{kind}_teacher"))
+        report = _evaluate(timed, f"evaluate {kind} teacher", config, path,
+                           os.path.join(model_dir, "eval", f"{kind}_teacher"))
         rows.append(_teacher_row(config, kind, path, report))
     eval_dirs = {}  # (method, seed) -> evaluation directory
     for method in methods:
         overrides, recipe_record = recipes[method]
         runs = {}
         for seed in seeds:
-            method_config = student_config(dataclasses.replace(teacher_config, **overrides), method,
+            method_config = student_config(config_lib.replace(teacher_config, **overrides), method,
                                            seed if seed_dirs else None, recipe)
+            method_dir = method_config.runtime.model_dir
             label = f"{method}, seed {seed}" if seed_dirs else method
             print(f"== {label} ==" + (f" (recipe {recipe_record['file']})" if recipe_record["file"] else ""))
             path = timed(f"student {label}", pipeline.student_stage, method_config, strategy)
-            eval_dirs[method, seed] = os.path.join(method_config.model_dir, "eval")
+            eval_dirs[method, seed] = os.path.join(method_dir, "eval")
             # Every model is evaluated in the run's threat model, whatever radius its recipe trained with.
-            report = _evaluate(timed, f"evaluate {label}", dataclasses.replace(method_config, epsilon=config.epsilon),
-                               eval_config, path, eval_dirs[method, seed])
-            run = _row(method, "student", method, baselines.METHODS[method].display_name, config.student, path,
-                       report, os.path.join(method_config.model_dir, "student.json"))
-            runs[seed] = {"seed": seed, "model_dir": method_config.model_dir, "epochs": method_config.epochs,
+            report = _evaluate(timed, f"evaluate {label}",
+                               config_lib.replace(method_config, epsilon=config.attack.epsilon), path,
+                               eval_dirs[method, seed])
+            run = _row(method, "student", method, method_registry.METHODS[method].display_name, config.student, path,
+                       report, os.path.join(method_dir, "student.json"))
+            runs[seed] = {"seed": seed, "model_dir": method_dir, "epochs": method_config.schedule.epochs,
                           **{key: run[key] for key in ("path", "num_examples", "accuracy", "w_robust", "ci95",
                                                        "eval_seconds", "sanity_violations", "train_seconds",
                                                        "selection") if key in run}}
-        rows.append(_student_row(method, baselines.METHODS[method].display_name, config.student, runs,
+        rows.append(_student_row(method, method_registry.METHODS[method].display_name, config.student, runs,
                                  recipe_record))
 
     attacks = [name for name in rows[0]["accuracy"]]
@@ -366,9 +324,10 @@ def reproduce(config, eval_config, methods, strategy, seeds=None, recipe="equal"
         if len(seeds) == 1:
             row["vs_b_mtard"] = row["seeds"][str(seeds[0])]["vs_b_mtard"]
     comparison = {
-        "dataset": config.dataset, "seed": config.seed, "seeds": list(seeds), "epsilon": config.epsilon,
-        "student": config.student, "epochs": config.epochs, "steps_per_epoch": config.steps_per_epoch,
-        "batch_size": config.batch_size, "num_examples": rows[0]["num_examples"], "attacks": attacks,
+        "dataset": config.data.dataset, "seed": config.runtime.seed, "seeds": list(seeds),
+        "epsilon": config.attack.epsilon, "student": config.student, "epochs": config.schedule.epochs,
+        "steps_per_epoch": config.schedule.steps_per_epoch, "batch_size": config.schedule.batch_size,
+        "precision": config.runtime.precision, "num_examples": rows[0]["num_examples"], "attacks": attacks,
         "w_robust_attack": robust_attack(attacks), "methods": list(methods),
         "recipe": {"name": recipe, "dir": os.path.abspath(recipe_dir or RECIPE_DIR) if recipe != "equal" else None,
                    "reference_epochs": REFERENCE_EPOCHS if recipe != "equal" else None},
@@ -378,8 +337,9 @@ def reproduce(config, eval_config, methods, strategy, seeds=None, recipe="equal"
         "rows": rows,
         "stage_seconds": {name: round(seconds, 1) for name, seconds in timed.seconds.items()},
         "wall_seconds": round(time.time() - start, 1),
+        "config": json.loads(config.to_json()),
     }
-    write_comparison(config.model_dir, comparison)
+    write_comparison(model_dir, comparison)
     return comparison
 
 
@@ -616,19 +576,26 @@ def write_comparison(model_dir, comparison):
     print("written: " + ", ".join(os.path.join(model_dir, name) for name in names))
 
 
-def _run():
-    if FLAGS.strategy != "mirrored":
+def _run(run_config, methods, seeds, recipe, recipe_dir):
+    from mtard_tf import distribute
+    if run_config.runtime.strategy != "mirrored":
         # Evaluations run between the students' trainings on the chief alone; other workers would wait in a
         # collective for as long as an AutoAttack takes.
-        raise ValueError("reproduce runs with --strategy=mirrored only (train a single method on several workers "
-                         "with mtard_tf.main --strategy=multi_worker)")
-    seeds = tuple(int(seed) for seed in FLAGS.seeds) if FLAGS.seeds else None
-    reproduce(cli.run_config(), cli.eval_config(), tuple(FLAGS.methods), cli.make_strategy(), seeds=seeds,
-              recipe=FLAGS.recipe, recipe_dir=FLAGS.recipe_dir)
+        raise config_lib.ConfigError("reproduce runs with --strategy=mirrored only (train a single method on several "
+                                     "workers with mtard_tf.main --strategy=multi_worker)")
+    reproduce(run_config, methods, distribute.announce(distribute.make_strategy()), seeds=seeds, recipe=recipe,
+              recipe_dir=recipe_dir)
 
 
 def main(argv):
-    return cli.run_guarded(argv, _run)
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    methods = tuple(FLAGS.methods)
+    seeds = tuple(int(seed) for seed in FLAGS.seeds) if FLAGS.seeds else None
+    recipe, recipe_dir = FLAGS.recipe, FLAGS.recipe_dir
+    return startup.run_command(lambda: config_lib.from_flags(FLAGS),
+                               lambda run_config: _run(run_config, methods, seeds, recipe, recipe_dir),
+                               verbose=FLAGS["verbosity"].present)
 
 
 def run():

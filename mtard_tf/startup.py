@@ -1,5 +1,5 @@
 """The start of every command: TensorFlow imported and its devices found without its native start-up log, so the
-first line a user reads is the program's own.
+first line a user reads is the program's own; and the common frame of the training commands (run_command).
 
 TensorFlow's native libraries write to the process's stderr while they load and while the devices are probed
 (oneDNN, the CUDA probe, "All log messages before absl::InitializeLog() is called ..."). absl prints these before
@@ -49,3 +49,46 @@ def start_tensorflow(verbose=False):
         tf.get_logger().setLevel("ERROR")
         tf.autograph.set_verbosity(0)
     return tf
+
+
+def run_command(make_config, body, verbose=False, dry_run=False):
+    """The common frame of a training command: config = make_config() (the entry point's flags), printed alone with
+    `dry_run`; else TensorFlow started quietly, the CPU split into `config.runtime.cpu_replicas` devices, the dtype
+    policy set (before any model is built), the configuration written to `<model_dir>/config.json`, the dataset
+    prepared, then body(config). A UserError is one `error:` line and exit status 1; anything else is a defect and
+    keeps its traceback. Returns the exit status."""
+    from absl import logging
+
+    from mtard_tf import files
+    from mtard_tf.errors import UserError
+
+    try:
+        config = make_config()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if dry_run:
+        print(config.to_json())
+        return 0
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)  # library INFO logs (tfds) drown the progress bar
+    start_tensorflow(verbose)
+    import keras
+
+    from mtard_tf import data, distribute
+    distribute.set_cpu_replicas(config.runtime.cpu_replicas)
+    keras.mixed_precision.set_global_policy(config.runtime.precision)
+    try:
+        model_dir = config.runtime.model_dir
+        try:
+            os.makedirs(model_dir, exist_ok=True)
+            files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")
+        except OSError as error:
+            raise UserError(f"cannot write to --model_dir={model_dir}: {error.strerror or error}") from error
+        data.prepare(config.data.dataset, config.data.data_dir, config.data.download)
+        body(config)
+    except UserError as error:
+        logging.debug("error", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -3,12 +3,6 @@
 import keras
 import tensorflow as tf
 
-# The distiller's per-step tags: the balancing dynamics (temperatures, loss weights, losses, entropies) and the
-# learning rate.
-STEP_TAGS = ("loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
-             "entropy_adv", "entropy_nat", "learning_rate")
-EPOCH_TAGS = ("clean_accuracy", "pgd_accuracy")
-
 
 class ScalarSummaries(keras.callbacks.Callback):
     """Writes every value of the train_step's logs every `every_n_steps` steps (step = optimizer.iterations), and

@@ -10,7 +10,7 @@ A subclass writes `train_step` top to bottom like its paper's algorithm box, and
 import keras
 import tensorflow as tf
 
-from mtard_tf import attacks, losses
+from mtard_tf import attacks, keras_repairs, losses
 
 
 def global_mean(per_example):
@@ -43,6 +43,13 @@ def symmetric_uniform(shape, seed):
 
 class Trainer(keras.Model):
     """Trains `model` (the network being learned); subclasses define train_step."""
+
+    def __new__(cls, *args, **kwargs):
+        """Constructed under a MultiWorkerMirroredStrategy, the trainer is an instance of `cls` with
+        keras_repairs.MultiWorkerRepairs mixed in; under any other strategy, of `cls` itself."""
+        if keras_repairs.needs_multi_worker_repairs() and not issubclass(cls, keras_repairs.MultiWorkerRepairs):
+            cls = keras_repairs.with_multi_worker_repairs(cls)
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, model, *, epsilon=8 / 255, attack_steps=10, attack_step_size=2 / 255,
                  weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, **kwargs):
@@ -79,33 +86,6 @@ class Trainer(keras.Model):
 
     def call(self, images, training=False):
         return self.model(images, training=training)
-
-    # Two repairs for MultiWorkerMirroredStrategy in Keras 3.15's TensorFlow trainer (MirroredStrategy is unaffected).
-
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        """Keras builds the model from the first batch, which it averages over replicas with one strategy.reduce
-        of the whole (images, labels) structure; MultiWorkerMirroredStrategy cannot reduce a structure.
-        One replica's batch has the same shapes, and taking it needs no collective."""
-        if iterator is not None and self.distribute_strategy is not None:
-            for _, _, batches in iterator:
-                data_batch = tf.nest.map_structure(
-                    lambda value: self.distribute_strategy.experimental_local_results(value)[0], next(batches))
-                break
-            iterator = None
-        return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-
-    def _make_function(self, step_function):
-        """Keras averages a step's outputs across workers with strategy.reduce("MEAN", axis=0), which fails on the
-        scalar logs of train_step / test_step; they get an axis of length 1 that the reduction removes."""
-        strategy = self.distribute_strategy
-        if (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-                and strategy.extended._in_multi_worker_mode()):  # the condition of Keras' reduce_per_replica
-            scalar_step = step_function
-
-            def step_function(data):
-                return tf.nest.map_structure(lambda value: tf.reshape(value, [-1]) if value.shape.rank == 0 else value,
-                                             scalar_step(data))
-        return super()._make_function(step_function)
 
     def cross_entropy_objective(self, labels):
         """Cross-entropy of the model in inference mode: the objective of SAT-style PGD."""

@@ -41,7 +41,7 @@ def bad_teacher_files(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--epsilon=2"], "--epsilon must be in (0, 1]"),
-    (["--attack_steps=0"], "--attack_steps must be at least 1"),
+    (["--attack_steps=0"], "--attack_steps=0: 0 is not a positive integer"),
     (["--temperature_min=5", "--temperature_max=2"], "--temperature_min must not exceed --temperature_max"),
     (["--dataset=no_such_dataset"], "unknown tensorflow-datasets dataset 'no_such_dataset'"),
     (["--student=resnet99"], "resnet99"),

@@ -10,11 +10,16 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import tiny_model
-from mtard_tf import summaries, training
+from mtard_tf import config as config_lib
+from mtard_tf import plot, training
 from mtard_tf.distiller import Distiller
 from mtard_tf.schedules import MilestoneDecay
 
 BATCH = 16
+# What ScalarSummaries logs for a distiller: the logs of Distiller.train_step at every step, of test_step per epoch.
+STEP_TAGS = {"loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
+             "entropy_adv", "entropy_nat", "learning_rate"}
+EPOCH_TAGS = {"clean_accuracy", "pgd_accuracy"}
 
 
 def random_batches(num_examples=48, seed=0):
@@ -54,7 +59,7 @@ def test_fit_updates_only_the_student():
     for teacher, before in ((distiller.clean_teacher, weights[1]), (distiller.robust_teacher, weights[2])):
         for a, b in zip(before, teacher.get_weights()):
             np.testing.assert_array_equal(a, b)  # BatchNorm moving statistics included
-    state = {k: float(v.numpy()) for k, v in distiller.balance_state().items()}
+    state = {k: float(v.numpy()) for k, v in distiller.state_variables().items()}
     assert abs(state["weight_adv"] + state["weight_nat"] - 1) < 1e-6
     assert state["initial_kl_adv"] > 0 and state["initial_kl_nat"] > 0
     assert 1.0 <= min(state["temperature_adv"], state["temperature_nat"])
@@ -76,7 +81,7 @@ def test_one_and_two_replicas_give_the_same_update(strategies):
         distiller = make_distiller(strategy, weights, synchronized=True)
         history = distiller.fit(random_batches(), epochs=2, steps_per_epoch=3, verbose=0)
         state = {}
-        for name, variable in distiller.balance_state().items():
+        for name, variable in distiller.state_variables().items():
             per_replica = [float(v.numpy()) for v in strategy.experimental_local_results(variable.value)]
             assert len(per_replica) == replicas
             assert max(per_replica) == min(per_replica), f"{name} differs across replicas: {per_replica}"
@@ -93,12 +98,12 @@ def test_one_and_two_replicas_give_the_same_update(strategies):
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_distill_writes_scalars_and_student(mock_cifar, teacher_files, tmp_path, strategies, replicas):
-    config = training.RunConfig(
+    config = config_lib.make(
         dataset="cifar10", student="resnet18:width=2,blocks=1", clean_teacher=teacher_files[0],
         robust_teacher=teacher_files[1], model_dir=str(tmp_path / "run"), epochs=2, steps_per_epoch=3,
         batch_size=8, validation_steps=1, attack_steps=2, eval_attack_steps=2, milestones=(1,),
-        jit_compile=False, verbose=0)
-    path, history = training.distill(config, strategies[replicas])
+        jit_compile="false", verbose=0)
+    path, history = training.train_student(config, strategies[replicas])
     assert path == str(tmp_path / "run" / "student.keras")
     student = keras.models.load_model(path)
     assert student.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)
@@ -107,11 +112,12 @@ def test_distill_writes_scalars_and_student(mock_cifar, teacher_files, tmp_path,
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
     events.Reload()
     tags = set(events.Tags()["tensors"])
-    for tag in summaries.STEP_TAGS:
+    assert tags == STEP_TAGS | EPOCH_TAGS
+    assert set(plot.BALANCE_TAGS) <= STEP_TAGS  # the balance plot reads tags the distiller writes
+    for tag in STEP_TAGS:
         assert [event.step for event in events.Tensors(tag)] == list(range(1, 7)), tag
-    for tag in summaries.EPOCH_TAGS:
+    for tag in EPOCH_TAGS:
         assert [event.step for event in events.Tensors(tag)] == [1, 2], tag
-    assert tags == set(summaries.STEP_TAGS) | set(summaries.EPOCH_TAGS)
     weights = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("weight_adv")]
     lrs = [float(tf.make_ndarray(e.tensor_proto)) for e in events.Tensors("learning_rate")]
     assert lrs[:3] == pytest.approx([0.1] * 3) and lrs[3:] == pytest.approx([0.01] * 3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtard_tf import plot, summaries
+from mtard_tf import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -28,7 +28,12 @@ def synthetic_logs(step, resumed):
     return logs
 
 
-def write_run(log_dir, steps, resumed, tags=summaries.STEP_TAGS):
+# What Distiller.train_step logs every step (tests/test_distiller.py checks the distiller logs exactly these).
+STEP_TAGS = ("loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
+             "entropy_adv", "entropy_nat", "learning_rate")
+
+
+def write_run(log_dir, steps, resumed, tags=STEP_TAGS):
     """Writes per-step scalars as mtard_tf.summaries.ScalarSummaries does (tf.summary.scalar, tensor summaries)."""
     writer = tf.summary.create_file_writer(log_dir)
     for step in steps:
@@ -51,7 +56,7 @@ def run_dir(tmp_path_factory):
 
 def test_read_step_scalars_keeps_the_last_value_of_a_relogged_step(run_dir):
     scalars = plot.read_step_scalars(os.path.join(run_dir, "tensorboard"))
-    assert set(scalars) == set(summaries.STEP_TAGS)
+    assert set(scalars) == set(STEP_TAGS)
     for tag, (steps, values) in scalars.items():
         np.testing.assert_array_equal(steps, np.arange(1, 51))
         assert np.all(np.diff(steps) > 0) and len(values) == len(steps)

@@ -13,16 +13,18 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from mtard_tf import files, pipeline, reproduce, stats, training
+from mtard_tf import config as config_lib
+from mtard_tf import files, reproduce, stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="cifar10", student="resnet56:depth=8,width=2", clean_teacher_arch="resnet56:depth=8,width=2",
             robust_teacher_arch="wrn34_10:depth=10,widen=1", epochs=1, clean_teacher_epochs=1,
             robust_teacher_epochs=1, steps_per_epoch=1, batch_size=8, validation_steps=1, attack_steps=1,
-            eval_attack_steps=1, jit_compile=False, verbose=0)
+            eval_attack_steps=1, jit_compile="false", verbose=0)
 # One method per kind of teacher use (none, the robust teacher, both), to keep the test short: every method's
 # train_step is tested in test_baselines.py, and all of them share train_student.
 METHODS = ("sat", "rslad", "b_mtard")
+EVAL = dict(attacks=("clean", "fgsm"), num_eval_examples=8, eval_batch_size=8)
 
 
 def outputs(model_dir):
@@ -62,10 +64,9 @@ def check_bold_marks_significance(comparison):
 
 
 def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifar, strategies, tmp_path, capsys):
-    config = training.RunConfig(model_dir=str(tmp_path / "run"), **TINY)
-    eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
-    comparison = reproduce.reproduce(config, eval_config, METHODS, strategies[1])
-    before = outputs(config.model_dir)
+    config = config_lib.make(model_dir=str(tmp_path / "run"), **EVAL, **TINY)
+    comparison = reproduce.reproduce(config, METHODS, strategies[1])
+    before = outputs(config.runtime.model_dir)
 
     with open(tmp_path / "run" / "comparison.json") as f:
         assert json.load(f) == comparison
@@ -122,9 +123,9 @@ def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifa
 
     # A report without per-image flags (written before they existed) is evaluated again; nothing else is.
     os.remove(students / "sat" / "eval" / "per_image.npz")
-    again = reproduce.reproduce(config, eval_config, METHODS, strategies[1])
+    again = reproduce.reproduce(config, METHODS, strategies[1])
     out = capsys.readouterr().out
-    after = outputs(config.model_dir)
+    after = outputs(config.runtime.model_dir)
     assert after.pop("students/sat/eval/report.json") > before.pop("students/sat/eval/report.json")
     assert after == before  # nothing else trained or evaluated again
     assert (students / "sat" / "eval" / "per_image.npz").exists()
@@ -153,10 +154,9 @@ def test_unavailable_dataset_is_one_clear_error(tmp_path):
 
 
 def test_seeds_give_mean_std_and_per_seed_tests(mock_cifar, strategies, teacher_files, tmp_path):
-    config = training.RunConfig(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
-                                robust_teacher=teacher_files[1], **TINY)
-    eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
-    comparison = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], seeds=(0, 1))
+    config = config_lib.make(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
+                             robust_teacher=teacher_files[1], **EVAL, **TINY)
+    comparison = reproduce.reproduce(config, ("sat", "b_mtard"), strategies[1], seeds=(0, 1))
     with open(tmp_path / "run" / "comparison.json") as f:
         assert json.load(f) == comparison
     assert comparison["seeds"] == [0, 1] and comparison["seed"] == 0
@@ -202,11 +202,10 @@ def write_recipes(directory, recipes=RECIPES):
 
 
 def test_reference_recipe_scales_the_schedule(mock_cifar, strategies, teacher_files, tmp_path, capsys):
-    config = training.RunConfig(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
-                                robust_teacher=teacher_files[1], **{**TINY, "epochs": 2})
-    eval_config = pipeline.EvalConfig(attacks=("clean", "fgsm"), num_examples=8, batch_size=8)
+    config = config_lib.make(model_dir=str(tmp_path / "run"), clean_teacher=teacher_files[0],
+                             robust_teacher=teacher_files[1], **EVAL, **{**TINY, "epochs": 2})
     recipe_dir = write_recipes(tmp_path / "recipes")
-    comparison = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], recipe="reference",
+    comparison = reproduce.reproduce(config, ("sat", "b_mtard"), strategies[1], recipe="reference",
                                      recipe_dir=recipe_dir)
     assert comparison["recipe"] == {"name": "reference", "dir": recipe_dir, "reference_epochs": 300}
     sat, b_mtard = comparison["rows"][2:]
@@ -220,11 +219,11 @@ def test_reference_recipe_scales_the_schedule(mock_cifar, strategies, teacher_fi
     for method, steps in (("sat", 1), ("b_mtard", 2)):  # one step per epoch in TINY
         assert tf.train.latest_checkpoint(str(students / method / "checkpoints")).endswith(f"-{steps}")
         with open(students / method / "eval" / "report.json") as f:
-            assert json.load(f)["epsilon"] == config.epsilon  # trained at its recipe's radius, evaluated at the run's
+            assert json.load(f)["epsilon"] == config.attack.epsilon  # trained at its recipe's radius, evaluated at the run's
     assert not os.path.exists(tmp_path / "run" / "students")  # equal and reference runs never share a student
     markdown = (tmp_path / "run" / "comparison.md").read_text()
     assert "# Student training methods compared, cifar10 (recipe: reference)" in markdown
-    assert "- SAT (sat.cfg): epochs=1, milestones=none, learning_rate=0.05, epsilon=0.02" in markdown
+    assert "- SAT (sat.cfg): epsilon=0.02, epochs=1, learning_rate=0.05, milestones=none" in markdown
     assert "- B-MTARD (b_mtard.cfg): epochs=2, milestones=1, kl_scale=2.0" in markdown
 
     # A selected checkpoint (student.json "selection", written by training) is reported; the rest is reused.
@@ -234,7 +233,7 @@ def test_reference_recipe_scales_the_schedule(mock_cifar, strategies, teacher_fi
         summary = json.load(f)
     files.write_json(str(students / "sat" / "student.json"), {**summary, "selection": selection})
     capsys.readouterr()
-    again = reproduce.reproduce(config, eval_config, ("sat", "b_mtard"), strategies[1], recipe="reference",
+    again = reproduce.reproduce(config, ("sat", "b_mtard"), strategies[1], recipe="reference",
                                 recipe_dir=recipe_dir)
     assert capsys.readouterr().out.count("student: using") == 2
     assert again["rows"][2]["selection"] == again["rows"][2]["seeds"]["0"]["selection"] == selection
@@ -246,50 +245,50 @@ def test_reference_recipe_scales_the_schedule(mock_cifar, strategies, teacher_fi
 
 
 def test_recipe_files_are_checked(tmp_path):
-    config = training.RunConfig(epochs=30, milestones=(20, 25))
+    config = config_lib.make(epochs=30, milestones=(20, 25))
     recipe_dir = write_recipes(tmp_path, {
-        "sat.cfg": "--epochs=120\n--attack_step_size=2/255\n--jit_compile=false\n--steps_per_epoch=5\n",
+        "sat.cfg": "--epochs=120\n--attack_step_size=0.01\n--jit_compile=false\n--steps_per_epoch=5\n",
         "trades.cfg": "# comment\n\n--epochs=100\n--learning_rte=0.1\n",
         "ard.cfg": "--seed=3\n", "rslad.cfg": "--epochs=ten\n", "adaad.cfg": "epochs 10\n"})
     overrides, record = reproduce.method_recipe(config, "sat", "reference", recipe_dir)
     # No recipe milestones: the run's (20, 25 of 30 epochs) stretched to the method's 12 epochs.
-    assert overrides == {"epochs": 12, "milestones": (8, 10), "attack_step_size": pytest.approx(2 / 255),
-                         "jit_compile": False, "steps_per_epoch": 5}
+    assert overrides == {"epochs": 12, "milestones": (8, 10), "attack_step_size": 0.01, "jit_compile": "false",
+                         "steps_per_epoch": 5}
     assert record["overrides"]["epochs"] == 120 and record["scale"] == 0.1
     assert reproduce.method_recipe(config, "sat", "equal", recipe_dir) == (
         {}, {"name": "equal", "file": None, "overrides": {}, "applied": {}})
-    for method, message in (("trades", r"trades\.cfg, line 4: unknown setting --learning_rte"),
-                            ("ard", r"ard\.cfg, line 1: --seed cannot be part of a method's recipe"),
-                            ("rslad", r"rslad\.cfg, line 1: bad value for --epochs"),
-                            ("adaad", r"adaad\.cfg, line 1: expected --name=value"),
+    for method, message in (("trades", r"trades\.cfg: Unknown command line flag 'learning_rte'"),
+                            ("ard", r"ard\.cfg: --seed cannot be part of a method's recipe"),
+                            ("rslad", r"rslad\.cfg: flag --epochs=ten"),
+                            ("adaad", r"adaad\.cfg: expected --name=value"),
                             ("natural", r"no recipe for method 'natural'")):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(config_lib.ConfigError, match=message):
             reproduce.method_recipe(config, method, "reference", recipe_dir)
-    assert reproduce.scale_schedule(training.RunConfig(epochs=5), {"epochs": 300, "milestones": (215, 260, 285)}) \
+    assert reproduce.scale_schedule(config_lib.make(epochs=5), {"epochs": 300, "milestones": (215, 260, 285)}) \
         == (5, (4,))
-    assert reproduce.scale_schedule(training.RunConfig(epochs=300), {"epochs": 200, "milestones": (100, 150)}) \
+    assert reproduce.scale_schedule(config_lib.make(epochs=300), {"epochs": 200, "milestones": (100, 150)}) \
         == (200, (100, 150))
-    assert reproduce.scale_schedule(training.RunConfig(epochs=1), {"epochs": 100}) == (1, ())
+    assert reproduce.scale_schedule(config_lib.make(epochs=1), {"epochs": 100}) == (1, ())
 
 
 def test_seeds_and_recipe_flags_reach_reproduce(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(reproduce, "reproduce", lambda *args, **kwargs: calls.append((args, kwargs)))
-    monkeypatch.setattr(reproduce.cli, "make_strategy", lambda: "strategy")
+    monkeypatch.setattr(reproduce, "_run", lambda *args: calls.append(args))
+    monkeypatch.setattr(reproduce.startup, "run_command", lambda make_config, body, verbose: body(make_config()))
     try:
         flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={tmp_path}",
                      "--methods=sat,b_mtard", "--seed=5", f"--model_dir={tmp_path}"])
-        reproduce._run()  # pylint: disable=protected-access
+        reproduce.main(["reproduce"])
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["reproduce", f"--model_dir={tmp_path}"])
-        reproduce._run()  # pylint: disable=protected-access
+        reproduce.main(["reproduce"])
         for bad in ("--seeds=1,1", "--seeds=a", "--recipe=papers"):
             flags.FLAGS.unparse_flags()
             with pytest.raises(flags.IllegalFlagValueError):
                 flags.FLAGS(["reproduce", bad])
     finally:
         flags.FLAGS.unparse_flags()
-    (config, _, methods, strategy), options = calls[0]
-    assert (config.seed, methods, strategy) == (5, ("sat", "b_mtard"), "strategy")
-    assert options == {"seeds": (2, 0), "recipe": "reference", "recipe_dir": str(tmp_path)}
-    assert calls[1][1] == {"seeds": None, "recipe": "equal", "recipe_dir": None}
+    config, methods, seeds, recipe, recipe_dir = calls[0]
+    assert (config.runtime.seed, methods) == (5, ("sat", "b_mtard"))
+    assert (seeds, recipe, recipe_dir) == ((2, 0), "reference", str(tmp_path))
+    assert calls[1][2:] == (None, "equal", None)

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import ROOT, final_state, main_command, run_main
-from mtard_tf import attacks, losses, training
+from mtard_tf import attacks, distribute, losses
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--sync_batchnorm",
            "--steps_per_epoch=3", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
@@ -132,11 +132,6 @@ def test_mixed_precision_command_keeps_float32_logits_and_state(mock_metadata_di
     assert state["weight_adv"] + state["weight_nat"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_command_line_strategies_are_the_library_strategies():
-    from mtard_tf import main
-    assert main.STRATEGIES == training.STRATEGIES
-
-
 def test_writable_dir_is_the_directory_itself_without_a_cluster(strategies, tmp_path):
-    assert training.is_chief(strategies[2])
-    assert training.writable_dir(strategies[2], str(tmp_path)) == str(tmp_path)
+    assert distribute.is_chief(strategies[2])
+    assert distribute.writable_dir(strategies[2], str(tmp_path)) == str(tmp_path)

@@ -1,11 +1,12 @@
-"""Every way to train the student (the methods of the paper's comparison tables): the `--method` registry, and
-the single-teacher distillation baselines.
+"""Every way to train a network (the methods of the paper's comparison tables): the `--method` registry, and the
+trainers of natural and adversarial training (which also make the teachers) and of the single-teacher distillation
+baselines.
 
 | method  | trainer                                | teachers      | loss (losses.py)   |
 |---------|----------------------------------------|---------------|--------------------|
-| natural | teachers.NaturalTrainer                |               | natural_loss       |
-| sat     | teachers.AdversarialTrainer(pgd_at)    |               | sat_loss           |
-| trades  | teachers.AdversarialTrainer(trades)    |               | trades_loss        |
+| natural | NaturalTrainer (below)                 |               | natural_loss       |
+| sat     | AdversarialTrainer(pgd_at) (below)     |               | sat_loss           |
+| trades  | AdversarialTrainer(trades) (below)     |               | trades_loss        |
 | ard     | ARDTrainer (below)                     | robust        | ard_loss           |
 | rslad   | RSLADTrainer (below)                   | robust        | rslad_loss         |
 | adaad   | AdaADTrainer (below)                   | robust        | adaad_loss         |
@@ -50,9 +51,62 @@ from typing import Callable
 
 import tensorflow as tf
 
-from mtard_tf import attacks, losses, teachers
+from mtard_tf import attacks, config as config_lib, losses
 from mtard_tf.distiller import Distiller
 from mtard_tf.trainer import Trainer, symmetric_uniform
+
+
+class NaturalTrainer(Trainer):
+    """Natural training (the clean teacher, and the `natural` baseline): minimise CE(f(x), y)."""
+
+    def train_step(self, data):
+        images, labels = data
+        learning_rate = self.current_learning_rate()
+        with tf.GradientTape() as tape:
+            per_example = losses.natural_loss(labels, self.model(images, training=True))
+        self.minimize(tape, per_example)
+        return self.step_logs(learning_rate, loss=per_example)
+
+
+class AdversarialTrainer(Trainer):
+    """Adversarial training of the robust teacher, and the `sat` / `trades` baselines.
+
+    pgd_at (SAT, Madry et al.): CE(f(x'), y), x' = PGD on CE from a uniform random start.
+    trades (Zhang et al.):      CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximises that KL from x + 0.001 N(0, I).
+    """
+
+    METHODS = ("trades", "pgd_at")
+
+    def __init__(self, model, *, method="trades", trades_beta=6.0, **kwargs):
+        super().__init__(model, **kwargs)
+        if method not in self.METHODS:
+            raise ValueError(f"unknown robust method '{method}', expected one of {', '.join(self.METHODS)}")
+        self.method = method
+        self.trades_beta = float(trades_beta)
+
+    def train_step(self, data):
+        images, labels = data
+        images = tf.cast(images, tf.float32)
+        learning_rate = self.current_learning_rate()
+        if self.method == "pgd_at":
+            start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
+            images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
+            with tf.GradientTape() as tape:
+                per_example = losses.sat_loss(labels, self.model(images_adv, training=True))
+            self.minimize(tape, per_example)
+            return self.step_logs(learning_rate, loss=per_example)
+
+        clean_logits = tf.stop_gradient(self.model(images, training=False))
+        images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.model(x, training=False)),
+                                 images, attacks.normal_start(images, self.attack_noise(images)))
+        with tf.GradientTape() as tape:
+            logits = self.model(images, training=True)
+            adv_logits = self.model(images_adv, training=True)
+            per_example = losses.trades_loss(labels, logits, adv_logits, self.trades_beta)
+        self.minimize(tape, per_example)
+        natural = losses.cross_entropy(labels, logits)
+        robust = losses.kl_divergence(logits, adv_logits)
+        return self.step_logs(learning_rate, loss=per_example, cross_entropy=natural, kl_robust=robust)
 
 
 class _SingleTeacherTrainer(Trainer):
@@ -156,7 +210,7 @@ class Method:
     """A student training method.
 
     build(student, teachers, config, schedule, **common) -> Trainer, where `teachers` maps "clean" / "robust" to the
-    loaded frozen teachers this method names in `teachers`, `config` is a training.RunConfig, `schedule(value)` makes
+    loaded frozen teachers this method names in `teachers`, `config` is a config.Config, `schedule(value)` makes
     the run's milestone schedule of a rate, and `common` holds the Trainer arguments shared by all methods (attack,
     weight decay, validation, seed).
     """
@@ -165,37 +219,38 @@ class Method:
     build: Callable
 
 
-def _natural(student, teachers_, config, schedule, **common):
-    return teachers.NaturalTrainer(student, **common)
+def _natural(student, frozen, config, schedule, **common):
+    return NaturalTrainer(student, **common)
 
 
 def _adversarial(robust_method):
-    def build(student, teachers_, config, schedule, **common):
-        return teachers.AdversarialTrainer(student, method=robust_method, trades_beta=config.trades_beta, **common)
+    def build(student, frozen, config, schedule, **common):
+        return AdversarialTrainer(student, method=robust_method, trades_beta=config.baselines.trades_beta, **common)
     return build
 
 
-def _ard(student, teachers_, config, schedule, **common):
-    return ARDTrainer(student, teachers_["robust"], temperature=config.ard_temperature, alpha=config.ard_alpha,
-                      **common)
+def _ard(student, frozen, config, schedule, **common):
+    return ARDTrainer(student, frozen["robust"], temperature=config.baselines.ard_temperature,
+                      alpha=config.baselines.ard_alpha, **common)
 
 
-def _rslad(student, teachers_, config, schedule, **common):
-    return RSLADTrainer(student, teachers_["robust"], adv_weight=config.rslad_adv_weight, kl_scale=config.kl_scale,
-                        **common)
+def _rslad(student, frozen, config, schedule, **common):
+    return RSLADTrainer(student, frozen["robust"], adv_weight=config.baselines.rslad_adv_weight,
+                        kl_scale=config.balance.kl_scale, **common)
 
 
-def _adaad(student, teachers_, config, schedule, **common):
+def _adaad(student, frozen, config, schedule, **common):
     # No kl_scale: AdaAD's own code fixes its reduction per dataset (losses.adaad_kl), with no x10 on CIFAR-100.
-    return AdaADTrainer(student, teachers_["robust"], alpha=config.adaad_alpha, **common)
+    return AdaADTrainer(student, frozen["robust"], alpha=config.baselines.adaad_alpha, **common)
 
 
 def _distiller(balance):
-    def build(student, teachers_, config, schedule, **common):
-        return Distiller(student, teachers_["clean"], teachers_["robust"], balance=balance, kl_scale=config.kl_scale,
-                         weight_rate=schedule(config.weight_rate), temperature_rate=schedule(config.temperature_rate),
-                         temperature_min=config.temperature_min, temperature_max=config.temperature_max,
-                         beta=config.beta, **common)
+    def build(student, frozen, config, schedule, **common):
+        rules = config.balance
+        return Distiller(student, frozen["clean"], frozen["robust"], balance=balance, kl_scale=rules.kl_scale,
+                         weight_rate=schedule(rules.weight_rate), temperature_rate=schedule(rules.temperature_rate),
+                         temperature_min=rules.temperature_min, temperature_max=rules.temperature_max,
+                         beta=rules.beta, **common)
     return build
 
 
@@ -211,10 +266,12 @@ METHODS = {
     "b_mtard": Method("B-MTARD", ("clean", "robust"), _distiller("b_mtard")),
 }
 METHOD_NAMES = tuple(METHODS)
+# How a teacher is trained (config.TEACHER_METHODS) -> the student method whose trainer does it.
+TEACHER_TRAINING = {"natural": "natural", "trades": "trades", "pgd_at": "sat"}
 
 
 def get_method(name):
     """The registered Method called `name`; ValueError naming the choices otherwise."""
     if name not in METHODS:
-        raise ValueError(f"unknown method '{name}', expected one of {', '.join(METHOD_NAMES)}")
+        raise config_lib.ConfigError(f"unknown method '{name}', expected one of {', '.join(METHOD_NAMES)}")
     return METHODS[name]

@@ -1,5 +1,5 @@
 """Every --method's train_step: on a fixed learnable batch, a few steps reduce that method's own loss; only the
-student changes; the --method / --balance flags choose the method."""
+student changes; the --method flag chooses the method."""
 
 import keras
 import numpy as np
@@ -7,7 +7,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import tiny_model
-from mtard_tf import baselines, losses, main, training
+from mtard_tf import config as config_lib
+from mtard_tf import losses, main, methods, training
 
 STEPS = 15
 # Each method's logged terms besides loss and learning_rate.
@@ -42,16 +43,16 @@ def initial_weights():
         name: confident_teacher(name, 30.0).get_weights() for name in ("clean", "robust")}
 
 
-@pytest.mark.parametrize("method", baselines.METHOD_NAMES)
+@pytest.mark.parametrize("method", methods.METHOD_NAMES)
 def test_train_step_reduces_its_own_loss_and_updates_only_the_student(method, initial_weights):
-    spec = baselines.METHODS[method]
+    spec = methods.METHODS[method]
     student = tiny_model("student", width=8)
     student.set_weights(initial_weights["student"])
     frozen = {}
     for kind in spec.teachers:
         frozen[kind] = tiny_model(kind, width=8)
         frozen[kind].set_weights(initial_weights[kind])
-    trainer = spec.build(student, frozen, training.RunConfig(), lambda value: value, epsilon=4 / 255,
+    trainer = spec.build(student, frozen, config_lib.make(), lambda value: value, epsilon=4 / 255,
                          attack_steps=2, attack_step_size=2 / 255, weight_decay=0.0, eval_attack_steps=0, seed=3)
     trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=False)
     history = trainer.fit(learnable_batch(), epochs=STEPS, steps_per_epoch=1, verbose=0).history
@@ -81,43 +82,33 @@ def test_ard_loss_is_tau_squared_kl_per_class_on_clean_teacher_logits():
 
 
 def test_flag_names_match_the_registry():
-    assert main.METHOD_NAMES == baselines.METHOD_NAMES
-    assert set(main.DISTILLER_METHODS) <= set(baselines.METHOD_NAMES)
+    assert config_lib.METHOD_NAMES == methods.METHOD_NAMES
+    assert set(methods.TEACHER_TRAINING) == set(config_lib.TEACHER_METHODS)
+    assert set(methods.TEACHER_TRAINING.values()) <= set(methods.METHOD_NAMES)
 
 
-@pytest.mark.parametrize("argv,method,balance", [
-    ([], "b_mtard", "b_mtard"),
-    (["--method=rslad"], "rslad", "b_mtard"),
-    (["--method=mtard"], "mtard", "mtard"),
-    (["--balance=mtard"], "mtard", "mtard"),  # the older spelling
-    (["--flagfile=flags/cifar10.cfg", "--balance=mtard"], "mtard", "mtard"),
-    (["--flagfile=flags/cifar10.cfg", "--method=ard", "--ard_temperature=10"], "ard", "b_mtard"),
+@pytest.mark.parametrize("argv,method", [
+    ([], "b_mtard"),
+    (["--method=rslad"], "rslad"),
+    (["--method=mtard"], "mtard"),
+    (["--flagfile=flags/cifar10.cfg", "--method=ard", "--ard_temperature=10"], "ard"),
 ])
-def test_method_and_balance_flags(argv, method, balance, monkeypatch):
+def test_method_flag(argv, method, monkeypatch):
     monkeypatch.chdir(main.os.path.dirname(main.os.path.dirname(main.__file__)))
     try:
         main.FLAGS(["main", *argv])
-        config = main.run_config()
-        assert (config.method, config.balance) == (method, balance)
+        config = config_lib.from_flags(main.FLAGS)
+        assert config.method == method
         if method == "ard":
-            assert config.ard_temperature == 10.0 and config.ard_alpha == 1.0
-    finally:
-        main.FLAGS.unparse_flags()
-
-
-def test_contradicting_method_and_balance_is_an_error():
-    try:
-        main.FLAGS(["main", "--method=b_mtard", "--balance=mtard"])
-        with pytest.raises(ValueError, match="--balance=mtard contradicts --method=b_mtard"):
-            main.run_config()
+            assert config.baselines.ard_temperature == 10.0 and config.baselines.ard_alpha == 1.0
     finally:
         main.FLAGS.unparse_flags()
 
 
 def test_method_needing_a_teacher_without_one_is_a_clear_error(mock_cifar, strategies, tmp_path):
-    config = training.RunConfig(model_dir=str(tmp_path), student="resnet18:width=2,blocks=1", epochs=1,
-                                steps_per_epoch=1, batch_size=8, jit_compile=False, verbose=0)
+    config = config_lib.make(model_dir=str(tmp_path), student="resnet18:width=2,blocks=1", epochs=1,
+                             steps_per_epoch=1, batch_size=8, jit_compile="false", verbose=0)
     with pytest.raises(training.teachers.TeacherError, match="method 'ard' needs a robust teacher"):
-        training.train_student(config, "ard", strategies[1])
-    with pytest.raises(ValueError, match="unknown method 'madry'"):
-        training.train_student(config, "madry", strategies[1])
+        training.train_student(config_lib.replace(config, method="ard"), strategies[1])
+    with pytest.raises(config_lib.ConfigError, match="unknown method 'madry'"):
+        training.train_student(config_lib.replace(config, method="madry"), strategies[1])

@@ -1,0 +1,401 @@
+"""The configuration of a run: typed, nested dataclasses, every default written once, and the absl flags derived
+from them.
+
+Each field of a group below is one command-line flag (`flag_name`: the group's prefix + the field's name, unless the
+field names its flag). `define_flags` defines them all; `from_flags` reads a parsed flag set back into a `Config`;
+`read_flagfile` turns a preset or recipe file (`--name=value` lines) into the same values. Nothing here imports
+TensorFlow, so the flags of every entry point are defined before TensorFlow starts.
+
+Why dataclasses and flags rather than a big_vision-style config file: the project's presets are absl flagfiles, which
+any flag can override on the command line; deriving the flags from typed dataclasses keeps one definition of each
+option while the library code receives plain, immutable, typed objects (`config.attack.epsilon`).
+
+Defaults are the paper's CIFAR-10 setting (zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py).
+"""
+
+import dataclasses
+import json
+import typing
+
+from absl import flags
+
+from mtard_tf.errors import UserError
+
+
+class ConfigError(UserError):
+    """A configuration a run cannot use (a value out of range, contradicting options)."""
+
+
+# Method names in the order of the paper's tables (baselines.METHODS builds one trainer for each; a test checks
+# they agree). Spelled out here because the flags are defined before TensorFlow is imported.
+METHOD_NAMES = ("natural", "sat", "trades", "ard", "rslad", "adaad", "mtard", "b_mtard")
+TEACHER_METHODS = ("natural", "trades", "pgd_at")
+STRATEGIES = ("mirrored", "multi_worker")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")  # evaluation.ATTACK_NAMES
+SELECT_MODES = ("last", "best_test", "best_holdout")
+
+
+def option(default, help, *, flag=None, choices=None, lower=None, upper=None, check=None, factory=None):
+    """A configuration field and its flag. flag: the flag's name when it is not the group prefix + field name
+    (False: no flag); choices: an enum flag; lower/upper: bounds; check: (predicate, message) on the value."""
+    metadata = {"help": help, "flag": flag, "choices": choices, "lower": lower, "upper": upper, "check": check}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _epochs_check():
+    return (lambda v: all(m >= 0 for m in v), "must be a comma-separated list of epoch numbers")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    dataset: str = option("cifar10", "tensorflow-datasets image classification dataset name.")
+    data_dir: str | None = option(None, "tensorflow-datasets data directory (default: tfds' own, "
+                                        "~/tensorflow_datasets).")
+    download: bool = option(True, "Download and prepare the dataset into --data_dir on first use; --nodownload "
+                                  "fails at once when it is not there (offline use).")
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    model_dir: str = option("runs/cifar10", "Where checkpoints, TensorBoard logs and models are written.")
+    seed: int = option(0, "Random seed (initialisation, data order, augmentation, attack noise).", lower=0)
+    cpu_replicas: int = option(1, "Split the CPU into N logical devices (multi-replica development).", lower=1)
+    strategy: str = option("mirrored", "mirrored: MirroredStrategy over this machine's GPUs (else its CPU); "
+                           "multi_worker: MultiWorkerMirroredStrategy over the workers in the TF_CONFIG environment "
+                           "variable (start the same command on every worker; --model_dir on storage all of them "
+                           "see).", choices=STRATEGIES)
+    precision: str = option("float32", "Keras dtype policy of the models built here: mixed_* computes in 16 bits "
+                            "on GPUs/TPUs; logits, losses, softmax, entropy and the balancing state stay float32.",
+                            choices=PRECISIONS)
+    jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
+                              "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
+    sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
+    log_every_n_steps: int = option(1, "TensorBoard scalars every N training steps.", lower=1)
+    checkpoint_every_n_steps: int = option(0, "Also checkpoint every N training steps (0: at epoch ends only).",
+                                           lower=0)
+    verbose: int = option(1, "Progress bars (1) or none (0).", flag=False)
+
+    def __post_init__(self):
+        if self.strategy != "mirrored" and self.cpu_replicas != 1:
+            raise ConfigError("--cpu_replicas applies to --strategy=mirrored only (a multi-worker run has one CPU "
+                              "replica per worker)")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """The training attack (PGD, MTARD mtard/mtard_loss.py) and the end-of-epoch validation's PGD-20."""
+    epsilon: float = option(8 / 255, "L-inf radius of the attack, in [0, 1] pixel units.",
+                            check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    steps: int = option(10, "PGD steps of the training attack.", flag="attack_steps", lower=1)
+    step_size: float = option(2 / 255, "PGD step size of the training attack.", flag="attack_step_size",
+                              check=(lambda v: 0 < v <= 1, "must be in (0, 1]"))
+    eval_steps: int = option(20, "PGD steps of the end-of-epoch validation attack.", flag="eval_attack_steps",
+                             lower=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleConfig:
+    """The student's optimizer and schedule (SGD; lr, weight_rate and temperature_rate x decay at milestones)."""
+    epochs: int = option(300, "Training epochs.", lower=1)
+    steps_per_epoch: int | None = option(None, "Steps per epoch (default: train examples // batch size).", lower=1)
+    batch_size: int = option(128, "Global batch size (split over the replicas).", lower=1)
+    validation_steps: int | None = option(None, "Test batches per end-of-epoch validation (default: all).", lower=1)
+    learning_rate: float = option(0.1, "SGD learning rate.", lower=0.0)
+    momentum: float = option(0.9, "SGD momentum.", lower=0.0)
+    weight_decay: float = option(2e-4, "L2 weight decay (coupled, as PyTorch SGD).", lower=0.0)
+    milestones: tuple[int, ...] = option((215, 260, 285), "Epochs at which lr, weight_rate and temperature_rate "
+                                         "are multiplied by --decay.", check=_epochs_check())
+    decay: float = option(0.1, "Decay factor at each milestone.", lower=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class BalanceConfig:
+    """Entropy-Based Balance and Normalization Loss Balance (B-MTARD, TPAMI 2024; resnet18_mtard_cifar10.py), and
+    MTARD's loss-weight rule (ECCV 2022)."""
+    weight_rate: float = option(0.025, "eta_w: learning rate of the loss weights.", lower=0.0)
+    temperature_rate: float = option(0.001, "eta_tau: learning rate of the teacher temperatures.", lower=0.0)
+    temperature_min: float = option(1.0, "Lower bound of the teacher temperatures.",
+                                    check=(lambda v: v > 0, "must be positive"))
+    temperature_max: float = option(10.0, "Upper bound of the teacher temperatures.", lower=0.0)
+    beta: float = option(1.0, "Power of the relative loss progress in the weight rule (MTARD).")
+    kl_scale: float = option(1.0, "Multiplies the distillation KL terms of b_mtard, mtard and rslad (10 in their "
+                             "reference code for CIFAR-100; AdaAD's code changes its reduction instead).", lower=0.0)
+
+    def __post_init__(self):
+        if self.temperature_min > self.temperature_max:
+            raise ConfigError("--temperature_min must not exceed --temperature_max")
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """The single-teacher and adversarial-training methods, with their papers' defaults."""
+    trades_beta: float = option(6.0, "TRADES beta (the trades student and a TRADES-trained teacher).", lower=0.0)
+    ard_temperature: float = option(30.0, "ARD: distillation temperature tau.",
+                                    check=(lambda v: v > 0, "must be positive"))
+    ard_alpha: float = option(1.0, "ARD: weight of the tau^2 KL term; 1 - alpha weighs CE on clean images.",
+                              lower=0.0, upper=1.0)
+    rslad_adv_weight: float = option(5 / 6, "RSLAD: weight of the KL on adversarial images (1 - w on clean).",
+                                     lower=0.0, upper=1.0)
+    adaad_alpha: float = option(1.0, "AdaAD: weight of the KL on adversarial images (1 - alpha on clean).",
+                                lower=0.0, upper=1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """One teacher: a given .keras file, or how this app trains it (--mode=train_teacher, and --mode=all when the
+    file is missing). The same type serves the clean and the robust teacher; their flags are --<kind>_teacher_*."""
+    file: str = option("", "The {kind} teacher, a .keras file (default: <model_dir>/teachers/{kind}.keras, trained "
+                       "when missing).", flag="")
+    arch: str = option("resnet56", "{Kind} teacher architecture: NAME or NAME:key=value,... (see models.py).")
+    method: str = option("natural", "Training of the {kind} teacher: natural, trades (TRADES) or pgd_at (PGD-AT).",
+                         choices=TEACHER_METHODS)
+    epochs: int = option(200, "Epochs of the {kind} teacher's training.", lower=1)
+    learning_rate: float = option(0.1, "SGD learning rate of the {kind} teacher's training.", lower=0.0)
+    schedule: str = option("cosine", "Learning-rate schedule of the {kind} teacher.", choices=("cosine", "step"))
+    milestones: tuple[int, ...] = option((100, 150), "Step-schedule epochs (x --decay) of the {kind} teacher.",
+                                         check=_epochs_check())
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """Which trained student student.keras is (ModelSelection in training.py)."""
+    select: str = option("last", "Which student student.keras is: last (the last epoch's); best_test (the B-MTARD "
+                         "reference's protocol: the best (clean + PGD-TRADES-20)/2 on the test split, at epoch 1, every "
+                         "--select_every_before epochs before the first milestone and every epoch from it; its test "
+                         "figures are optimistic); best_holdout (the same on --holdout_examples train images kept out "
+                         "of training). The last model is kept as student_last.keras.", flag="select",
+                         choices=SELECT_MODES)
+    every_before: int = option(20, "Selection evaluation every N epochs before the first milestone.",
+                               flag="select_every_before", lower=1)
+    examples: int | None = option(None, "Images of the selection split evaluated (default: all of it).",
+                                  flag="select_examples", lower=1)
+    holdout_examples: int = option(1000, "With --select=best_holdout: the last N train images, kept out of training "
+                                   "(teachers trained by this run too) for selection.", flag="holdout_examples",
+                                   lower=1)
+
+    def held_out(self):
+        """How many train examples the run keeps out of training (for best_holdout selection)."""
+        return self.holdout_examples if self.select == "best_holdout" else 0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The robustness evaluation (the paper's attacks: FGSM, PGD-SAT, PGD-TRADES, CW-inf, AutoAttack)."""
+    attacks: tuple[str, ...] = option(ATTACK_NAMES, "Attacks of the evaluation.", flag="attacks",
+                                      check=(lambda v: bool(v) and set(v) <= set(ATTACK_NAMES),
+                                             "must be a subset of " + ",".join(ATTACK_NAMES)))
+    num_examples: int | None = option(None, "Evaluate on the first N test images (default: all).",
+                                      flag="num_eval_examples", lower=1)
+    batch_size: int = option(250, "Images per evaluation batch.", flag="eval_batch_size", lower=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """The TF Serving export of the student."""
+    export_dir: str = option("saved_models", "Root of the TF Serving model directories.", flag="export_dir")
+    model_name: str = option("mtard_student", "Model name under --export_dir (TF Serving's model name).",
+                             flag="model_name")
+    version: int | None = option(None, "Export version (default: the next free one).", flag="model_version",
+                                 lower=1)
+
+
+def _teacher(**defaults):
+    return lambda: TeacherConfig(**defaults)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Flags: the fields of each group (prefix "" unless the group names one)."""
+    method: str = option("b_mtard", "How the student is trained (the methods of the paper's tables): b_mtard, mtard "
+                         "(two teachers); ard, rslad, adaad (robust teacher); sat (PGD-AT), trades, natural (no "
+                         "teacher).", choices=METHOD_NAMES)
+    student: str = option("resnet18", "Student architecture: NAME or NAME:key=value,... (see models.py).")
+    data: DataConfig = option(None, "", factory=DataConfig)
+    runtime: RuntimeConfig = option(None, "", factory=RuntimeConfig)
+    attack: AttackConfig = option(None, "", factory=AttackConfig)
+    schedule: ScheduleConfig = option(None, "", factory=ScheduleConfig)
+    balance: BalanceConfig = option(None, "", factory=BalanceConfig)
+    baselines: BaselineConfig = option(None, "", factory=BaselineConfig)
+    clean_teacher: TeacherConfig = option(None, "", flag="clean_teacher_", factory=_teacher())
+    robust_teacher: TeacherConfig = option(None, "", flag="robust_teacher_", factory=_teacher(
+        arch="wrn34_10", method="trades", epochs=100, schedule="step", milestones=(75, 90)))
+    selection: SelectionConfig = option(None, "", factory=SelectionConfig)
+    eval: EvalConfig = option(None, "", factory=EvalConfig)
+    export: ExportConfig = option(None, "", factory=ExportConfig)
+
+    def teacher(self, kind):
+        """The clean or the robust teacher's configuration."""
+        if kind not in ("clean", "robust"):
+            raise ValueError(f"unknown teacher '{kind}', expected clean or robust")
+        return self.clean_teacher if kind == "clean" else self.robust_teacher
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    def to_json(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Flags derived from the dataclasses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One flag: its name, where its value lives in a Config (`path`), its type and its field's metadata."""
+    name: str
+    path: tuple
+    type: typing.Any
+    default: typing.Any
+    metadata: dict
+    kind: str  # the teacher kind ("clean"/"robust") for a teacher's option, else ""
+    cli: bool  # a command-line flag (False: a setting for code only, e.g. `verbose`)
+
+
+def _default(field):
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def options(cls=Config, prefix="", path=(), defaults=None, kind=""):
+    """Every setting of `cls`, depth first: [Option] (flags, and the few settings without a flag)."""
+    found = []
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        value = getattr(defaults, field.name) if defaults is not None else _default(field)
+        flag = field.metadata.get("flag")
+        if dataclasses.is_dataclass(hints[field.name]):
+            group_prefix = flag if isinstance(flag, str) else prefix
+            group_kind = field.name[:-len("_teacher")] if field.name.endswith("_teacher") else kind
+            found += options(hints[field.name], group_prefix, path + (field.name,), value, group_kind)
+        else:
+            name = (prefix.rstrip("_") if flag == "" else flag) if isinstance(flag, str) else prefix + field.name
+            found.append(Option(name, path + (field.name,), hints[field.name], value, dict(field.metadata), kind,
+                                flag is not False))
+    return found
+
+
+def _base_type(annotation):
+    """int for `int | None`, tuple's element type for `tuple[int, ...]`, else the annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
+    if typing.get_origin(annotation) is tuple:
+        return tuple, args[0]
+    if args:
+        return args[0], None
+    return annotation, None
+
+
+def _help(option_):
+    text = option_.metadata["help"]
+    return text.format(kind=option_.kind, Kind=option_.kind.capitalize()) if option_.kind else text
+
+
+def define_flags(flag_values):
+    """Defines one absl flag per configuration field (defaults from the dataclasses) on `flag_values`; flags it
+    defined before are kept (mtard_tf.main and mtard_tf.reproduce both define them, and may share a process)."""
+    for option_ in options():
+        if not option_.cli or option_.name in flag_values:
+            continue
+        base, element = _base_type(option_.type)
+        meta = option_.metadata
+        args = dict(name=option_.name, help=_help(option_), flag_values=flag_values)
+        default = option_.default
+        if meta["choices"]:
+            flags.DEFINE_enum(default=default, enum_values=list(meta["choices"]), **args)
+        elif base is bool:
+            flags.DEFINE_boolean(default=default, **args)
+        elif base is int:
+            flags.DEFINE_integer(default=default, lower_bound=meta["lower"], upper_bound=meta["upper"], **args)
+        elif base is float:
+            flags.DEFINE_float(default=default, lower_bound=meta["lower"], upper_bound=meta["upper"], **args)
+        elif base is tuple:
+            flags.DEFINE_list(default=[str(v) for v in default], **args)
+        else:
+            flags.DEFINE_string(default=default, **args)
+        if meta["check"]:
+            predicate, message = meta["check"]
+            flags.register_validator(option_.name, _checked(predicate, base, element),
+                                     f"--{option_.name} {message}", flag_values=flag_values)
+
+
+def _checked(predicate, base, element):
+    def validate(value):
+        if value is None:
+            return True
+        try:
+            return predicate(_convert(value, base, element))
+        except ValueError:
+            return False
+    return validate
+
+
+def _convert(value, base, element):
+    """A flag's value as the field's type: a list flag's strings become a tuple of `element`s."""
+    if base is tuple and value is not None:
+        return tuple(element(v.strip()) for v in value if v.strip())
+    return value
+
+
+def _set(config, values):
+    """`config` with {path: value} applied, each group rebuilt once (so its cross-field rules see all new values)."""
+    fields, groups = {}, {}
+    for path, value in values.items():
+        if len(path) == 1:
+            fields[path[0]] = value
+        else:
+            groups.setdefault(path[0], {})[path[1:]] = value
+    fields.update({name: _set(getattr(config, name), group) for name, group in groups.items()})
+    return dataclasses.replace(config, **fields)
+
+
+def replace(config, **values):
+    """`config` with settings by their flag names, e.g. replace(config, epochs=3, attack_steps=5) (ConfigError for
+    an unknown name or a value out of the cross-field rules)."""
+    by_name = {option_.name: option_ for option_ in options()}
+    by_path = {}
+    for name, value in values.items():
+        if name not in by_name:
+            raise ConfigError(f"unknown setting --{name}")
+        base, element = _base_type(by_name[name].type)
+        if base is tuple and value is not None:
+            value = _convert(value, base, element) if all(isinstance(v, str) for v in value) else tuple(value)
+        by_path[by_name[name].path] = value
+    return _set(config, by_path)
+
+
+def make(**values):
+    """Config() with settings by flag name (replace)."""
+    return replace(Config(), **values)
+
+
+def from_flags(flag_values, names=None):
+    """The Config of parsed flags (`names`: only these flags, the rest at their defaults)."""
+    values = {}
+    for option_ in options():
+        if option_.cli and (names is None or option_.name in names):
+            base, element = _base_type(option_.type)
+            values[option_.name] = _convert(flag_values[option_.name].value, base, element)
+    return replace(Config(), **values)
+
+
+def read_flagfile(path):
+    """{flag name: value} of the flags set in a flagfile (`--name=value` lines, `#` comments), parsed by absl with
+    the configuration's own flags, so a value is checked and converted exactly as on the command line. Raises
+    ConfigError naming the file for an unknown flag or a bad value."""
+    flag_values = flags.FlagValues()
+    define_flags(flag_values)
+    try:
+        rest = flag_values(["flagfile", f"--flagfile={path}"])
+    except flags.Error as error:
+        raise ConfigError(f"{path}: {error}") from None
+    if len(rest) > 1:
+        raise ConfigError(f"{path}: expected --name=value lines, got '{' '.join(rest[1:])}'")
+    found = {}
+    for option_ in options():
+        if option_.cli and flag_values[option_.name].present:
+            base, element = _base_type(option_.type)
+            found[option_.name] = _convert(flag_values[option_.name].value, base, element)
+    return found

@@ -1,0 +1,87 @@
+"""Distribution: the tf.distribute strategy of a run, and chief/worker handling of a multi-worker run."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import tensorflow as tf
+
+from mtard_tf.config import STRATEGIES
+
+def set_cpu_replicas(num_replicas):
+    """Splits the CPU into `num_replicas` logical devices; must run before TensorFlow initialises its devices."""
+    if num_replicas > 1:
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num_replicas)])
+
+
+def make_strategy(kind="mirrored"):
+    """mirrored: MirroredStrategy over every visible GPU, else over every logical CPU device.
+
+    multi_worker: MultiWorkerMirroredStrategy over the workers listed in the TF_CONFIG environment variable (each
+    worker's GPUs, or its CPU). Must be created before any other TensorFlow operation runs.
+    """
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind != "mirrored":
+        raise ValueError(f"unknown strategy '{kind}', expected one of {', '.join(STRATEGIES)}")
+    gpus = tf.config.list_logical_devices("GPU")
+    devices = gpus or tf.config.list_logical_devices("CPU")
+    return tf.distribute.MirroredStrategy([device.name for device in devices])
+
+
+def is_chief(strategy):
+    """True unless this process is a non-chief worker of a multi-worker run (TF_CONFIG's "chief", else worker 0)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    cluster = resolver.cluster_spec().as_dict() if resolver else {}
+    if not cluster:
+        return True
+    if "chief" in cluster:
+        return resolver.task_type == "chief"
+    return resolver.task_type == "worker" and resolver.task_id == 0
+
+
+_scratch = {}
+
+
+def writable_dir(strategy, directory):
+    """Where this process writes the files of `directory`: `directory` itself on the chief; on another worker a
+    private scratch directory, removed at exit.
+
+    Every worker takes part in saving checkpoints and models (reading distributed variables may run collectives),
+    but only the chief's files are kept; all workers read the chief's (`directory` must be on storage that every
+    worker sees, as TensorFlow's multi-worker checkpointing requires).
+    """
+    if is_chief(strategy):
+        return directory
+    if "root" not in _scratch:
+        _scratch["root"] = tempfile.mkdtemp(prefix=f"mtard_tf-worker{strategy.cluster_resolver.task_id}-")
+        atexit.register(shutil.rmtree, _scratch["root"], ignore_errors=True)
+    return os.path.join(_scratch["root"], os.path.abspath(directory).lstrip(os.sep))
+
+
+def barrier(strategy):
+    """Waits until every worker reaches this point (a cross-worker sum), e.g. until the chief's file is written."""
+    strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+
+def announce(strategy):
+    """One line naming the strategy, its replicas and this process's devices."""
+    devices = ", ".join(strategy.extended.worker_devices)
+    print(f"{type(strategy).__name__}: {strategy.num_replicas_in_sync} replica(s) in all; this process: {devices}"
+          f"{'' if is_chief(strategy) else ' (non-chief worker)'}")
+    return strategy
+
+
+def use_xla(strategy, requested="auto"):
+    """XLA for the train step: "true" / "false" as requested; "auto": on for a single GPU replica only.
+
+    XLA fails under MirroredStrategy with several replicas ("resource ... located in device CPU:1 from device
+    CPU:0"), and on the 2-core CPU it made the B-MTARD step 2.5x (paper models) to 4x (small models) slower
+    (`python -m mtard_tf.benchmark`, README "Performance and scale").
+    """
+    if requested != "auto":
+        return requested == "true"
+    return strategy.num_replicas_in_sync == 1 and bool(tf.config.list_logical_devices("GPU"))
