@@ -67,9 +67,12 @@ class RuntimeConfig:
                            "multi_worker: MultiWorkerMirroredStrategy over the workers in the TF_CONFIG environment "
                            "variable (start the same command on every worker; --model_dir on storage all of them "
                            "see).", choices=STRATEGIES)
-    precision: str = option("float32", "Keras dtype policy of the models built here: mixed_* computes in 16 bits "
-                            "on GPUs/TPUs; logits, losses, softmax, entropy and the balancing state stay float32.",
-                            choices=PRECISIONS)
+    precision: str = option("float32", "Keras dtype policy of the models trained here: mixed_* computes in 16 "
+                            "bits; logits, losses, softmax, entropy and the balancing state stay float32. auto: "
+                            "mixed_bfloat16 where the device computes bfloat16 natively (x86 CPUs with AVX512-BF16 or "
+                            "AMX, NVIDIA GPUs of compute capability 8.0 or newer), else float32. Evaluation and export "
+                            "compute in float32 whatever the training precision (see --export_precision).",
+                            choices=("auto", *PRECISIONS))
     jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
@@ -200,6 +203,9 @@ class ExportConfig:
                              flag="model_name")
     version: int | None = option(None, "Export version (default: the next free one).", flag="model_version",
                                  lower=1)
+    precision: str = option("float32", "Dtype policy of the exported model (the saved weights are float32 whatever "
+                            "the training precision): mixed_bfloat16 / mixed_float16 serve in 16 bits.",
+                            flag="export_precision", choices=PRECISIONS)
 
 
 def _teacher(**defaults):

@@ -85,3 +85,30 @@ def use_xla(strategy, requested="auto"):
     if requested != "auto":
         return requested == "true"
     return strategy.num_replicas_in_sync == 1 and bool(tf.config.list_logical_devices("GPU"))
+
+
+def native_bfloat16():
+    """(True if every device that will compute has native bfloat16, the reason): NVIDIA GPUs of compute capability
+    8.0 or newer (Ampere), else the CPU's avx512_bf16 or amx_bf16 flag (Linux /proc/cpuinfo)."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        capabilities = [tf.config.experimental.get_device_details(gpu).get("compute_capability") or (0, 0)
+                        for gpu in gpus]
+        text = ", ".join(f"{major}.{minor}" for major, minor in capabilities)
+        return all(tuple(c) >= (8, 0) for c in capabilities), f"GPU compute capability {text}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        cpu_flags = set()
+    found = sorted(cpu_flags & {"avx512_bf16", "amx_bf16"})
+    return bool(found), "CPU with " + ", ".join(found) if found else "CPU without avx512_bf16 / amx_bf16"
+
+
+def resolve_precision(requested):
+    """(the Keras dtype policy to train with, why): `requested` itself, or for "auto" mixed_bfloat16 where the
+    device computes bfloat16 natively, else float32."""
+    if requested != "auto":
+        return requested, "as requested"
+    native, reason = native_bfloat16()
+    return ("mixed_bfloat16" if native else "float32"), f"auto: {reason}"

@@ -371,3 +371,19 @@ def build_model(spec, num_classes, input_shape=(32, 32, 3), sync_batchnorm=False
     kwargs = _check_types(name, kwargs, spec)
     constructor, defaults = _REGISTRY[name]
     return constructor(name, num_classes, tuple(input_shape), bool(sync_batchnorm), **{**defaults, **kwargs})
+
+
+def with_dtype_policy(model, policy="float32"):
+    """`model` computing under the Keras dtype `policy`, with the same (float32) weights: `model` itself when every
+    layer has that policy already, else a clone. A model trained under mixed_bfloat16 is saved with bf16 layers, and
+    would otherwise be evaluated (attack gradients included) and served in 16 bits."""
+    if all(layer.dtype_policy.name == policy for layer in model.layers):
+        return model
+
+    def clone_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
+    clone.set_weights(model.get_weights())
+    clone.trainable = model.trainable
+    return clone

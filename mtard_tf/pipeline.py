@@ -11,7 +11,7 @@ import time
 
 import tensorflow as tf
 
-from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, plot, teachers, training
+from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, models, plot, teachers, training
 from mtard_tf.distiller import BALANCES
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
@@ -98,7 +98,8 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
         print(f"evaluation of {model_path}: using {report_path}")
     else:
         info = data.load_info(config.data.dataset, config.data.data_dir)
-        model = teachers.load_model(model_path, info.image_shape, info.num_classes, what="model")
+        model = models.with_dtype_policy(teachers.load_model(model_path, info.image_shape, info.num_classes,
+                                                             what="model"))  # attacks in float32
         dataset = data.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
                                     settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
@@ -124,7 +125,8 @@ def export_stage(config, student_path, reuse=True):
             print(f"export: using {previous['path']}")
             return previous["path"]
     info = data.load_info(config.data.dataset, config.data.data_dir)
-    model = teachers.load_model(student_path, info.image_shape, info.num_classes, what="model")
+    model = models.with_dtype_policy(teachers.load_model(student_path, info.image_shape, info.num_classes,
+                                                         what="model"), config.export.precision)
     path = export.export_model(model, config.export.export_dir, config.export.model_name, list(info.class_names),
                                version=config.export.version)
     files.write_json(marker, {"student_sha256": digest, "path": path})

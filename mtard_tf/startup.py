@@ -75,9 +75,13 @@ def run_command(make_config, body, verbose=False, dry_run=False):
     start_tensorflow(verbose)
     import keras
 
-    from mtard_tf import data, distribute
+    from mtard_tf import config as config_lib, data, distribute
     distribute.set_cpu_replicas(config.runtime.cpu_replicas)
-    keras.mixed_precision.set_global_policy(config.runtime.precision)
+    precision, reason = distribute.resolve_precision(config.runtime.precision)
+    if precision != config.runtime.precision:
+        print(f"precision: {precision} ({reason})")
+        config = config_lib.replace(config, precision=precision)  # config.json records what the run used
+    keras.mixed_precision.set_global_policy(precision)
     try:
         model_dir = config.runtime.model_dir
         try:
