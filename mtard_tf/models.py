@@ -176,9 +176,12 @@ def _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normaliz
     return keras.Model(inputs, outputs, name=name)
 
 
+def _check_resnet18(width, blocks, normalize):
+    _positive_int(width, "width")
+    _positive_int(blocks, "blocks")
+
+
 def _resnet18(name, num_classes, input_shape, sync_batchnorm, width=64, blocks=2, normalize=None):
-    width = _positive_int(width, "width")
-    blocks = _positive_int(blocks, "blocks")
     return _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks,
                                multipliers=(1, 2, 4, 8), shortcut="shortcut", head="linear")
 
@@ -187,11 +190,14 @@ def _resnet18(name, num_classes, input_shape, sync_batchnorm, width=64, blocks=2
 # CIFAR ResNet-20/32/44/56/... (He et al. 2016; chenyaofo/pytorch-cifar-models definition, as in MTARD)
 
 
-def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, width=16, normalize=None):
-    depth = _positive_int(depth, "depth")
-    width = _positive_int(width, "width")
+def _check_cifar_resnet(depth, width, normalize):
+    _positive_int(depth, "depth")
+    _positive_int(width, "width")
     if depth < 8 or (depth - 2) % 6:
         raise ModelSpecError(f"cifar_resnet depth must be 6n+2 with n >= 1 (8, 20, 32, 44, 56, 110, ...), got {depth}")
+
+
+def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, width=16, normalize=None):
     blocks = (depth - 2) // 6
     return _basic_block_resnet(name, num_classes, input_shape, sync_batchnorm, normalize, width, blocks,
                                multipliers=(1, 2, 4), shortcut="downsample", head="fc")
@@ -201,11 +207,14 @@ def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, widt
 # WideResNet (TRADES, yaodongyu/TRADES models/wideresnet.py)
 
 
-def _wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=34, widen=10, normalize=None):
-    depth = _positive_int(depth, "depth")
-    widen = _positive_int(widen, "widen")
+def _check_wide_resnet(depth, widen, normalize):
+    _positive_int(depth, "depth")
+    _positive_int(widen, "widen")
     if depth < 10 or (depth - 4) % 6:
         raise ModelSpecError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+
+
+def _wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=34, widen=10, normalize=None):
     n = (depth - 4) // 6
     channels = (16, 16 * widen, 32 * widen, 64 * widen)
     b = _Builder(sync_batchnorm)
@@ -247,13 +256,15 @@ _MOBILENETV2_CFG = (  # (expansion, out_planes, num_blocks, stride)
 )
 
 
-def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplier=1.0, max_blocks=0,
-                 normalize=None):
+def _check_mobilenetv2(width_multiplier, max_blocks, normalize):
     if isinstance(width_multiplier, bool) or not isinstance(width_multiplier, (int, float)) or width_multiplier <= 0:
         raise ModelSpecError(f"width_multiplier must be a positive number, got {width_multiplier!r}")
     if not isinstance(max_blocks, int) or isinstance(max_blocks, bool) or max_blocks < 0:
         raise ModelSpecError(f"max_blocks must be a non-negative integer (0: no cap), got {max_blocks!r}")
 
+
+def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplier=1.0, max_blocks=0,
+                 normalize=None):
     def scaled(channels):
         return max(1, int(round(channels * width_multiplier)))
 
@@ -295,14 +306,15 @@ def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplie
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
-# name -> (constructor, default kwargs). The defaults also define which kwargs a name accepts and their types.
+# name -> (constructor, default kwargs, check of the kwargs). The defaults also define which kwargs a name accepts
+# and their types; the check raises ModelSpecError on values no model of that name has.
 _REGISTRY = {
-    "resnet18": (_resnet18, {"width": 64, "blocks": 2, "normalize": None}),
-    "resnet56": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}),
-    "cifar_resnet": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}),
-    "wrn34_10": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}),
-    "wide_resnet": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}),
-    "mobilenetv2": (_mobilenetv2, {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None}),
+    "resnet18": (_resnet18, {"width": 64, "blocks": 2, "normalize": None}, _check_resnet18),
+    "resnet56": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet),
+    "cifar_resnet": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet),
+    "wrn34_10": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet),
+    "wide_resnet": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet),
+    "mobilenetv2": (_mobilenetv2, {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None}, _check_mobilenetv2),
 }
 
 
@@ -363,14 +375,27 @@ def _check_types(name, kwargs, spec):
     return checked
 
 
+def model_arguments(spec):
+    """"resnet56:depth=14" -> ("resnet56", {"depth": 14, "width": 16, "normalize": None}): every argument of the
+    named architecture, the spec's (type-checked and validated) over the defaults. ModelSpecError on a bad spec.
+
+    Any implementation of the registry's architectures (the Keras models here, mtard_tf.torch_models) reads a spec
+    through this function, so they accept the same specs.
+    """
+    name, kwargs = parse_model_spec(spec)
+    _, defaults, check = _REGISTRY[name]
+    arguments = {**defaults, **_check_types(name, kwargs, spec)}
+    check(**arguments)
+    return name, arguments
+
+
 def build_model(spec, num_classes, input_shape=(32, 32, 3), sync_batchnorm=False):
     """Builds the (uncompiled) Keras model named by `spec`, mapping [0, 1] images to float32 logits."""
-    name, kwargs = parse_model_spec(spec)
+    name, arguments = model_arguments(spec)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelSpecError(f"num_classes must be a positive integer, got {num_classes!r}")
-    kwargs = _check_types(name, kwargs, spec)
-    constructor, defaults = _REGISTRY[name]
-    return constructor(name, num_classes, tuple(input_shape), bool(sync_batchnorm), **{**defaults, **kwargs})
+    constructor = _REGISTRY[name][0]
+    return constructor(name, num_classes, tuple(input_shape), bool(sync_batchnorm), **arguments)
 
 
 def with_dtype_policy(model, policy="float32"):

@@ -127,7 +127,19 @@ def test_parse_model_spec_rejects(spec, message):
 ])
 def test_build_model_rejects_bad_values(spec):
     with pytest.raises(ValueError):
+        models.model_arguments(spec)
+    with pytest.raises(ValueError):
         models.build_model(spec, 10)
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("resnet18:width=8", ("resnet18", {"width": 8, "blocks": 2, "normalize": None})),
+    ("resnet56:depth=14", ("resnet56", {"depth": 14, "width": 16, "normalize": None})),
+    ("wrn34_10:depth=10,widen=2", ("wrn34_10", {"depth": 10, "widen": 2, "normalize": None})),
+    ("mobilenetv2:width_multiplier=1", ("mobilenetv2", {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None})),
+])
+def test_model_arguments_fill_in_the_defaults(spec, expected):
+    assert models.model_arguments(spec) == expected
 
 
 @pytest.mark.parametrize("spec,expected", [
