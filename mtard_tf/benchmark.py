@@ -2,8 +2,19 @@
 
 For each configuration (each --jit_compile value), prints one JSON line with images/s, ms per step, the split of a
 step into attack / teachers / student update (each part timed alone as its own tf.function), the FLOPs of one step
-and the achieved FLOP/s, and the FLOP/s of a large float32 matmul on the same device measured in the same run, so
-`matmul_fraction` says how much of the machine's attainable rate the step reaches.
+and the achieved FLOP/s, the FLOP/s of a large matmul in the policy's compute dtype (and in float32) on the same device
+measured in the same run, so `matmul_fraction` says how much of the machine's attainable rate at that precision the
+step reaches, and the process's peak memory so far (`peak_rss_mb`, PyTorch's included with --compare_torch; and
+`peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 in this configuration).
+
+With --compare_torch, the same step in PyTorch eager mode (mtard_tf.torch_step: same architectures, batch, attack
+steps, data and precision) is timed in the same run, its steps alternating with TensorFlow's (TF, torch, TF, torch,
+...) so that a change of the machine's load affects both alike, and the line adds `torch_images_per_s` and
+`speedup_vs_torch` (TensorFlow images/s over PyTorch images/s). PyTorch gets TensorFlow's intra-op thread count, and
+its OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): with spinning waits, on a machine that
+another process also loads, each parallel region waits for a descheduled thread while the others spin (a ResNet-18
+forward was 4.5x slower with 2 threads than with 1 on a shared 2-core machine); TensorFlow's thread pool hands a
+region's shards to whichever thread is free, so it does not stall that way.
 
 FLOPs of one step, from the models' forward FLOPs per image F (counted once by TensorFlow's profiler):
     B * (F_student * (2K + 6) + F_robust + F_clean)
@@ -14,6 +25,8 @@ so the figure is the step's, not the input pipeline's (--pipeline_batches measur
 
 import dataclasses
 import json
+import os
+import resource
 import sys
 import time
 
@@ -32,7 +45,9 @@ flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.", lo
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure (one JSON line each).")
 flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
-flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 matmul that measures the device's rate.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the device's rate.")
+flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), alternating "
+                  "with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.")
 flags.DEFINE_integer("pipeline_batches", 0, "If > 0, also time this many batches of the real input pipeline.")
 flags.DEFINE_string("dataset", "cifar10", "Dataset of the input-pipeline measurement.")
 flags.DEFINE_string("data_dir", None, "tfds data directory of the input-pipeline measurement.")
@@ -50,11 +65,11 @@ def forward_flops(model, image_shape):
     return model_analyzer.profile(graph, options=options).total_float_ops
 
 
-def matmul_flops_per_second(size, repeats=5):
-    """The device's float32 matmul rate, as 2 n^3 / time of the best of `repeats` runs."""
+def matmul_flops_per_second(size, dtype="float32", repeats=5):
+    """The device's matmul rate in `dtype`, as 2 n^3 / time of the best of `repeats` runs."""
     import tensorflow as tf
-    a = tf.random.uniform((size, size))
-    b = tf.random.uniform((size, size))
+    a = tf.cast(tf.random.uniform((size, size)), dtype)
+    b = tf.cast(tf.random.uniform((size, size)), dtype)
     matmul = tf.function(lambda: tf.reduce_sum(tf.matmul(a, b)))
     matmul().numpy()
     best = min(_timed(lambda: matmul().numpy()) for _ in range(repeats))
@@ -67,11 +82,34 @@ def _timed(function):
     return time.perf_counter() - start
 
 
-def time_per_call(function, warmup, steps):
-    """Seconds per call of `function` (which must block until its work is done) after `warmup` calls."""
+def seconds_per_call(functions, warmup, steps):
+    """Seconds per call of each of `functions` (each must block until its work is done), after `warmup` calls of
+    each; the `steps` timed calls of the functions alternate (f, g, f, g, ...)."""
     for _ in range(warmup):
-        function()
-    return _timed(lambda: [function() for _ in range(steps)]) / steps
+        for function in functions:
+            function()
+    totals = [0.0] * len(functions)
+    for _ in range(steps):
+        for index, function in enumerate(functions):
+            totals[index] += _timed(function)
+    return [total / steps for total in totals]
+
+
+def tensorflow_intra_op_threads():
+    """TensorFlow's intra-op thread count: the configured one, else its default, the CPUs this process may use."""
+    import tensorflow as tf
+    configured = tf.config.threading.get_intra_op_parallelism_threads()
+    return configured or len(os.sched_getaffinity(0))
+
+
+def peak_memory_mb():
+    """{"peak_rss_mb": the process's peak resident memory so far (ru_maxrss, KiB on Linux)} and, with a GPU,
+    "peak_gpu_memory_mb": TensorFlow's peak allocation on GPU:0 since its last reset."""
+    import tensorflow as tf
+    peaks = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if tf.config.list_logical_devices("GPU"):
+        peaks["peak_gpu_memory_mb"] = round(tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20, 1)
+    return peaks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +123,11 @@ class Setup:
     warmup: int
     steps: int
     precision: str
+    compare_torch: bool = False
+
+
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
 
 
 def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
@@ -96,26 +139,62 @@ def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3))
         clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
         robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
         distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
-        distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), jit_compile=jit_compile)
+        distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), jit_compile=jit_compile)
     return distiller
 
 
-def measure(setup, jit_compile, strategy, matmul_rate):
-    """Times full steps through Distiller.train_step and each of its parts; returns the JSON record."""
+def build_torch_step(setup, distiller, num_classes=10):
+    """The PyTorch step of the same architectures, with the distiller's attack, balancing and optimizer settings."""
+    import torch
+    from mtard_tf.torch_step import TorchBMTARDStep
+    return TorchBMTARDStep.from_specs(
+        setup.student, setup.clean_teacher, setup.robust_teacher, num_classes,
+        device="cuda" if torch.cuda.is_available() else "cpu", learning_rate=LEARNING_RATE, momentum=MOMENTUM,
+        weight_decay=distiller.weight_decay, epsilon=distiller.epsilon, attack_step_size=distiller.attack_step_size,
+        attack_steps=distiller.attack_steps, kl_scale=distiller.kl_scale, weight_rate=distiller.weight_rate,
+        temperature_rate=distiller.temperature_rate, temperature_min=distiller.temperature_min,
+        temperature_max=distiller.temperature_max, beta=distiller.beta, precision=setup.precision)
+
+
+def torch_step_function(step, images, labels):
+    """One PyTorch train step on the benchmark's batch (NHWC numpy -> NCHW tensors), blocking until it is done."""
+    import torch
+    images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy()).to(step.device)
+    labels = torch.from_numpy(labels.astype("int64")).to(step.device)
+
+    def call():
+        step.train_step(images, labels)
+        if step.device.type == "cuda":
+            torch.cuda.synchronize(step.device)
+    return call
+
+
+def measure(setup, jit_compile, strategy, matmul_rates):
+    """Times full steps through Distiller.train_step (alternating with the PyTorch step's if setup.compare_torch)
+    and each of its parts; returns the JSON record. `matmul_rates` maps dtype names to matmul FLOP/s."""
+    import keras
     import numpy as np
     import tensorflow as tf
     from mtard_tf import attacks
+    gpu = bool(tf.config.list_logical_devices("GPU"))
+    if gpu:
+        tf.config.experimental.reset_memory_stats("GPU:0")
     distiller = build(setup, jit_compile, strategy)
     batch = setup.batch_size
     rng = np.random.default_rng(0)
-    images = tf.constant(rng.uniform(0, 1, (batch, 32, 32, 3)), tf.float32)
-    labels = tf.constant(rng.integers(0, 10, batch), tf.int32)
+    images_array = rng.uniform(0, 1, (batch, 32, 32, 3)).astype(np.float32)
+    labels_array = rng.integers(0, 10, batch).astype(np.int32)
+    images = tf.constant(images_array)
+    labels = tf.constant(labels_array)
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
     iterator = iter(dataset)
     distiller.make_train_function()
     train_function = distiller.train_function
-    seconds_per_step = time_per_call(lambda: tf.nest.map_structure(
-        lambda v: v.numpy(), train_function(iterator)), setup.warmup, setup.steps)
+    steps = [lambda: tf.nest.map_structure(lambda v: v.numpy(), train_function(iterator))]
+    if setup.compare_torch:
+        torch_step = build_torch_step(setup, distiller)
+        steps.append(torch_step_function(torch_step, images_array, labels_array))
+    seconds_per_step, *torch_seconds_per_step = seconds_per_call(steps, setup.warmup, setup.steps)
 
     def run_part(part):
         compiled = tf.function(lambda x, y: strategy.run(part, args=(x, y)), jit_compile=jit_compile)
@@ -123,7 +202,7 @@ def measure(setup, jit_compile, strategy, matmul_rate):
             outputs = compiled(images, labels)
             tf.nest.map_structure(lambda v: v.numpy() if hasattr(v, "numpy") else v,
                                   strategy.experimental_local_results(outputs))
-        return time_per_call(call, setup.warmup, setup.steps)
+        return seconds_per_call([call], setup.warmup, setup.steps)[0]
 
     one = tf.constant(1.0)
     step = tf.constant(0, tf.int64)
@@ -141,24 +220,38 @@ def measure(setup, jit_compile, strategy, matmul_rate):
     step_flops = batch * (flops_per_image["student"] * (2 * setup.attack_steps + 6)
                           + flops_per_image["clean_teacher"] + flops_per_image["robust_teacher"])
     achieved = step_flops / seconds_per_step
-    return {
+    compute_dtype = keras.mixed_precision.Policy(setup.precision).compute_dtype
+    record = {
         "config": {"student": setup.student, "clean_teacher": setup.clean_teacher,
                    "robust_teacher": setup.robust_teacher, "batch_size": batch,
                    "attack_steps": setup.attack_steps, "replicas": strategy.num_replicas_in_sync,
-                   "jit_compile": jit_compile, "precision": setup.precision,
-                   "device": "GPU" if tf.config.list_logical_devices("GPU") else "CPU"},
+                   "jit_compile": jit_compile, "precision": setup.precision, "device": "GPU" if gpu else "CPU"},
         "images_per_s": round(batch / seconds_per_step, 2),
         "ms_per_step": round(1000 * seconds_per_step, 1),
+    }
+    if setup.compare_torch:
+        import torch
+        record["config"].update(torch_device=torch_step.device.type, torch_threads=torch.get_num_threads(),
+                                torch_omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
+        record.update(torch_images_per_s=round(batch / torch_seconds_per_step[0], 2),
+                      torch_ms_per_step=round(1000 * torch_seconds_per_step[0], 1),
+                      speedup_vs_torch=round(torch_seconds_per_step[0] / seconds_per_step, 3))
+    record.update({
         "split_ms": {name: round(1000 * value, 1) for name, value in split.items()},
         "forward_flops_per_image": flops_per_image,
         "flops_per_step": step_flops,
         "achieved_flops_per_s": round(achieved),
-        "matmul_flops_per_s": round(matmul_rate),
-        "matmul_fraction": round(achieved / matmul_rate, 4),
+        # The reference rate is the matmul's in the compute dtype (bfloat16 under mixed_bfloat16).
+        "matmul_dtype": compute_dtype,
+        "matmul_flops_per_s": round(matmul_rates[compute_dtype]),
+        "matmul_flops_per_s_float32": round(matmul_rates["float32"]),
+        "matmul_fraction": round(achieved / matmul_rates[compute_dtype], 4),
         # The attack-stall check (attacks.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
         "attack_zero_gradient_fraction": round(float(attacks.zero_gradient_fraction(
             distiller.cross_entropy_objective(labels), images)), 6),
-    }
+        **peak_memory_mb(),
+    })
+    return record
 
 
 def pipeline_images_per_second(dataset, data_dir, batch_size, batches):
@@ -168,8 +261,21 @@ def pipeline_images_per_second(dataset, data_dir, batch_size, batches):
     return batch_size * batches / _timed(lambda: [next(iterator) for _ in range(batches)])
 
 
+def import_torch_passively_waiting():
+    """Imports torch with passively waiting OpenMP threads (unless OMP_WAIT_POLICY is set; see the module's doc)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads its OpenMP runtime
+    import torch  # noqa: F401
+
+
 def main(argv):
     del argv
+    if FLAGS.compare_torch:
+        try:
+            import_torch_passively_waiting()
+        except ImportError as error:
+            print(f"error: --compare_torch needs torch ({error}); pip install -r requirements-torch.txt",
+                  file=sys.stderr)
+            return 1
     verbose = FLAGS["verbosity"].present
     if not verbose:
         logging.set_verbosity(logging.WARNING)
@@ -180,19 +286,25 @@ def main(argv):
     keras.mixed_precision.set_global_policy(FLAGS.precision)
     strategy = distribute.make_strategy()
     setup = Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
-                  FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, FLAGS.precision)
+                  FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, FLAGS.precision, FLAGS.compare_torch)
     if FLAGS.batch_size % strategy.num_replicas_in_sync:
         print(f"error: batch size {FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
               file=sys.stderr)
         return 1
-    matmul_rate = matmul_flops_per_second(FLAGS.matmul_size)
+    if FLAGS.compare_torch:
+        import torch
+        torch.set_num_threads(tensorflow_intra_op_threads())
+    matmul_rates = {"float32": matmul_flops_per_second(FLAGS.matmul_size)}
+    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
+    if compute_dtype not in matmul_rates:
+        matmul_rates[compute_dtype] = matmul_flops_per_second(FLAGS.matmul_size, compute_dtype)
     for value in FLAGS.jit_compile:
         jit_compile = value.strip().lower() in ("1", "true", "yes")
         if jit_compile and strategy.num_replicas_in_sync > 1:
             print(json.dumps({"config": {"jit_compile": True, "replicas": strategy.num_replicas_in_sync},
                               "skipped": "XLA does not work under MirroredStrategy with several replicas"}))
             continue
-        print(json.dumps(measure(setup, jit_compile, strategy, matmul_rate)), flush=True)
+        print(json.dumps(measure(setup, jit_compile, strategy, matmul_rates)), flush=True)
     if FLAGS.pipeline_batches:
         rate = pipeline_images_per_second(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size, FLAGS.pipeline_batches)
         print(json.dumps({"input_pipeline_images_per_s": round(rate, 1), "batch_size": FLAGS.batch_size}))

@@ -1,4 +1,4 @@
-"""Smoke test of the throughput benchmark (no timing assertion): it runs and prints complete JSON records."""
+"""Smoke tests of the throughput benchmark (no timing assertion): it runs and prints complete JSON records."""
 
 import json
 import os
@@ -8,16 +8,26 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--student=resnet18:width=2", "--clean_teacher_arch=resnet56:depth=8,width=2",
+        "--robust_teacher_arch=wrn34_10:depth=10,widen=1", "--batch_size=4", "--steps=1", "--warmup=1",
+        "--attack_steps=1", "--jit_compile=false", "--matmul_size=64"]
+
+
+def _run(*flags, pythonpath=ROOT):
+    return subprocess.run([sys.executable, "-m", "mtard_tf.benchmark", *flags], cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=pythonpath), capture_output=True, text=True, timeout=600)
+
+
+def _records(result):
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
 def test_benchmark_prints_one_record_per_configuration():
-    command = [sys.executable, "-m", "mtard_tf.benchmark", "--student=resnet18:width=2,blocks=1",
-               "--clean_teacher_arch=resnet56:depth=8,width=4", "--robust_teacher_arch=wrn34_10:depth=10,widen=1",
-               "--batch_size=4", "--steps=1", "--attack_steps=2", "--matmul_size=128", "--jit_compile=false,true"]
-    result = subprocess.run(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    records = _records(_run(
+        "--student=resnet18:width=2,blocks=1", "--clean_teacher_arch=resnet56:depth=8,width=4",
+        "--robust_teacher_arch=wrn34_10:depth=10,widen=1", "--batch_size=4", "--steps=1", "--attack_steps=2",
+        "--matmul_size=128", "--jit_compile=false,true"))
     assert [record["config"]["jit_compile"] for record in records] == [False, True]
     for record in records:
         assert record["images_per_s"] > 0 and record["ms_per_step"] > 0
@@ -31,3 +41,37 @@ def test_benchmark_prints_one_record_per_configuration():
         assert record["matmul_fraction"] > 0
         # float32: a gradient almost everywhere (a few exact zeros behind the dead ReLUs of a width-2 network).
         assert 0 <= record["attack_zero_gradient_fraction"] < 0.1
+        assert record["matmul_dtype"] == "float32"
+        assert record["matmul_flops_per_s"] == record["matmul_flops_per_s_float32"]
+        assert record["peak_rss_mb"] > 0
+        assert "torch_images_per_s" not in record
+
+
+def test_mixed_bfloat16_fraction_is_against_the_bfloat16_matmul_rate():
+    [record] = _records(_run(*TINY, "--precision=mixed_bfloat16"))
+    assert record["matmul_dtype"] == "bfloat16"
+    assert record["matmul_flops_per_s"] > 0 and record["matmul_flops_per_s_float32"] > 0
+    assert record["matmul_fraction"] == pytest.approx(
+        record["achieved_flops_per_s"] / record["matmul_flops_per_s"], abs=1e-4)
+
+
+def test_compare_torch_adds_the_pytorch_rate_and_the_speedup():
+    pytest.importorskip("torch")
+    [record] = _records(_run(*TINY, "--compare_torch"))
+    tf_rate, torch_rate = record["images_per_s"], record["torch_images_per_s"]
+    assert torch_rate > 0 and record["torch_ms_per_step"] > 0
+    # Both rates are rounded to 0.01 images/s and the speedup to 0.001: equal up to that rounding.
+    rounding = 0.0005 + tf_rate / torch_rate * (0.005 / tf_rate + 0.005 / torch_rate)
+    assert record["speedup_vs_torch"] == pytest.approx(tf_rate / torch_rate, abs=rounding)
+    assert record["config"]["torch_threads"] >= 1
+
+
+def test_compare_torch_without_torch_is_one_error_line(tmp_path):
+    fake_torch = tmp_path / "torch"
+    fake_torch.mkdir()
+    (fake_torch / "__init__.py").write_text('raise ImportError("No module named \'torch\'")\n')
+    result = _run(*TINY, "--compare_torch", pythonpath=os.pathsep.join((str(tmp_path), ROOT)))
+    assert result.returncode == 1
+    assert not result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--compare_torch needs torch" in errors[0], result.stderr[-2000:]
