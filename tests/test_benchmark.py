@@ -47,17 +47,13 @@ def test_benchmark_prints_one_record_per_configuration():
         assert "torch_images_per_s" not in record
 
 
-def test_mixed_bfloat16_fraction_is_against_the_bfloat16_matmul_rate():
-    [record] = _records(_run(*TINY, "--precision=mixed_bfloat16"))
+def test_bfloat16_run_against_the_bfloat16_matmul_rate_with_the_pytorch_side_by_side():
+    pytest.importorskip("torch")
+    [record] = _records(_run(*TINY, "--precision=mixed_bfloat16", "--compare_torch"))  # one run checks both
     assert record["matmul_dtype"] == "bfloat16"
     assert record["matmul_flops_per_s"] > 0 and record["matmul_flops_per_s_float32"] > 0
     assert record["matmul_fraction"] == pytest.approx(
         record["achieved_flops_per_s"] / record["matmul_flops_per_s"], abs=1e-4)
-
-
-def test_compare_torch_adds_the_pytorch_rate_and_the_speedup():
-    pytest.importorskip("torch")
-    [record] = _records(_run(*TINY, "--compare_torch"))
     tf_rate, torch_rate = record["images_per_s"], record["torch_images_per_s"]
     assert torch_rate > 0 and record["torch_ms_per_step"] > 0
     # Both rates are rounded to 0.01 images/s and the speedup to 0.001: equal up to that rounding.
