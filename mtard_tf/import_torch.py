@@ -3,17 +3,22 @@
     python -m mtard_tf.import_torch --arch=wrn34_10 --checkpoint=model_cifar_wrn.pt --num_classes=10 \\
         --out=teacher.keras
 
-`--arch` is a model spec of `mtard_tf.models` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`, with kwargs if
-the checkpoint is not the default size, e.g. `resnet56:normalize=cifar10` for a checkpoint trained on normalised
-inputs). The checkpoint may be a plain state dict, one nested under "state_dict" / "model" / "model_state_dict" /
-"net", and its keys may carry DataParallel's "module." prefix.
+`--arch` is a model spec of `mtard_tf.models` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`, `dm_wrn`, with
+kwargs if the checkpoint is not the default size, e.g. `resnet56:normalize=cifar10` for a checkpoint trained on
+normalised inputs, `dm_wrn:normalize=cifar100` for DeepMind's CIFAR-100 WRN-70-16). The checkpoint may be a plain
+state dict, one nested under "state_dict" / "model" / "model_state_dict" / "net"; its keys may carry DataParallel's
+"module." prefix, and all of them a "model." prefix (RobustBench's loader, robustbench/utils.py load_model, removes
+both).
 
-Every tensor is mapped onto the Keras layer whose name is the PyTorch module path with "." replaced by "_":
+Every tensor is mapped onto the Keras layer named after its PyTorch module path (`torch_path` inverts the naming):
 conv kernels OIHW -> HWIO (depthwise [C, 1, kh, kw] -> [kh, kw, C, 1]), linear weights transposed, BatchNorm
 weight / bias / running_mean / running_var -> gamma / beta / moving_mean / moving_variance (BatchNorm eps is not
 stored in a state dict: the Keras models use PyTorch's 1e-5). BatchNorm's `num_batches_tracked` and the TRADES
 WideResNet's unused `sub_block1` are ignored. Input normalisation stored in the state dict as a (mean, std) pair
-(`mu`/`sigma`, `mean`/`std`, `normalize.mean`/`normalize.std`, ...) becomes the model's `normalize` layer.
+(`mu`/`sigma`, `mean`/`std`, `normalize.mean`/`normalize.std`, ...) becomes the model's `normalize` layer; a
+`normalize` given in --arch must agree with it. Without such tensors the spec's `normalize` applies: DeepMind's and
+RobustBench's `dm_wrn` checkpoints hold none (their mean / std are not part of the state dict), so a CIFAR-100 one
+needs `dm_wrn:normalize=cifar100`.
 Anything else that does not fit (missing, unexpected or mis-shaped tensors) is refused with one line that lists
 them.
 
@@ -59,7 +64,8 @@ def _to_numpy(value):
 
 
 def unwrap_state_dict(checkpoint):
-    """A checkpoint object -> flat {name: numpy array}: un-nests it and drops DataParallel's "module." prefix."""
+    """A checkpoint object -> flat {name: numpy array}: un-nests it and drops DataParallel's "module." prefix, and a
+    "model." prefix that every key carries (a wrapping module)."""
     obj = checkpoint
     for _ in range(4):
         if hasattr(obj, "state_dict") and callable(obj.state_dict) and not isinstance(obj, dict):
@@ -90,6 +96,8 @@ def unwrap_state_dict(checkpoint):
         state[name] = _to_numpy(value)
     if not state:
         raise CheckpointError("the checkpoint's state dict is empty")
+    if all(name.startswith("model.") for name in state):
+        state = {name[len("model."):]: value for name, value in state.items()}
     return state
 
 
@@ -116,8 +124,9 @@ def load_checkpoint(path, trust_checkpoint=False):
 
 
 def torch_path(keras_layer_name):
-    """The PyTorch module path of a Keras layer (PyTorch module names of these architectures have no '_')."""
-    return keras_layer_name.replace("_", ".")
+    """The PyTorch module path of a Keras layer: the inverse of models._Builder.name ("__" -> "_", then "_" -> "."),
+    e.g. layer_0_block_0_batchnorm__0 -> layer.0.block.0.batchnorm_0."""
+    return "_".join(part.replace("_", ".") for part in keras_layer_name.split("__"))
 
 
 def _expected_tensors(layer):
@@ -174,7 +183,7 @@ def _split_normalization(state, arch_spec):
             "expected 3 channels")
     mean, std = np.broadcast_to(mean, (3,)), np.broadcast_to(std, (3,))
     if "normalize" in kwargs:
-        spec_stats = models.resolve_normalization(str(kwargs["normalize"]))
+        spec_stats = models.model_arguments(arch_spec)[1]["normalize"]
         if spec_stats is not None and not (np.allclose(spec_stats[0], mean, atol=1e-6)
                                            and np.allclose(spec_stats[1], std, atol=1e-6)):
             raise CheckpointError(
@@ -251,11 +260,22 @@ def convert_checkpoint(arch_spec, checkpoint_path, num_classes, out_path=None, t
     return model
 
 
+def describe_normalization(model):
+    """The input normalisation a converted model applies, for the command line's report (a preset is easy to miss)."""
+    layer = next((layer for layer in model.layers if layer.name == "normalize"), None)
+    if layer is None:
+        return "inputs not normalised"
+    config = layer.get_config()
+    mean = ", ".join(f"{float(m):.4f}" for m in config["mean"])
+    std = ", ".join(f"{float(v) ** 0.5:.4f}" for v in config["variance"])
+    return f"inputs normalised by mean ({mean}), std ({std})"
+
+
 def _define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models: wrn34_10, resnet56, resnet18, mobilenetv2 "
-                        "(with :key=value kwargs for non-default sizes or normalize=cifar10).")
+    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models: wrn34_10, resnet56, resnet18, mobilenetv2, "
+                        "dm_wrn (with :key=value kwargs for non-default sizes or normalize=cifar10).")
     flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (.pt / .pth) holding a state dict.")
     flags.DEFINE_integer("num_classes", 10, "Number of classes of the checkpoint's classifier.")
     flags.DEFINE_string("out", None, "Where to write the Keras model (.keras).")
@@ -282,7 +302,8 @@ def main(argv):
     except UserError as error:
         print(f"import_torch: error: {error}", file=sys.stderr)
         return 1
-    print(f"import_torch: wrote {FLAGS.out} ({model.name}, {model.count_params():,} weights) from {FLAGS.checkpoint}")
+    print(f"import_torch: wrote {FLAGS.out} ({model.name}, {model.count_params():,} weights, "
+          f"{describe_normalization(model)}) from {FLAGS.checkpoint}")
     return 0
 
 

@@ -1,10 +1,10 @@
 """Model registry: the students and teachers of the paper (ResNet-18, MobileNetV2, CIFAR ResNet-56,
-WideResNet-34-10) as Keras functional models.
+WideResNet-34-10, DeepMind's WideResNet-70-16) as Keras functional models.
 
 A model is named by a spec string, `NAME` or `NAME:key=value,key=value` (values are parsed as int, then float,
 then kept as a string), e.g. `resnet18`, `resnet18:width=8,blocks=1`, `cifar_resnet:depth=20`,
-`wrn34_10:depth=10,widen=1`, `mobilenetv2:width_multiplier=0.25`. Library code receives the spec string; it never
-reads flags.
+`wrn34_10:depth=10,widen=1`, `mobilenetv2:width_multiplier=0.25`, `dm_wrn:normalize=cifar100`. Library code
+receives the spec string; it never reads flags.
 
 Every model maps float32 images in [0, 1] of `input_shape` to float32 logits [B, num_classes]. The models are built
 from built-in Keras layers only, so `model.save("x.keras")` / `keras.models.load_model("x.keras")` need no custom
@@ -18,18 +18,27 @@ objects. They reproduce the PyTorch definitions the published checkpoints were t
   blocks. The TRADES module also defines an unused `sub_block1`; it is not part of this model (the importer
   ignores its tensors).
 * `mobilenetv2`: the CIFAR MobileNetV2 of kuangliu/pytorch-cifar (ReLU, stride-1 stem, 1x1 conv to 1280).
+* `dm_wrn`: the WideResNet of Gowal et al. 2020, "Uncovering the limits of adversarial training against
+  norm-bounded adversarial examples", whose WRN-70-16 is the paper's CIFAR-100 robust teacher, as published in
+  PyTorch (RobustBench robustbench/model_zoo/architectures/dm_wide_resnet.py DMWideResNet; deepmind-research
+  adversarial_robustness/pytorch/model_zoo.py): the blocks of the TRADES WideResNet with swish (or ReLU)
+  activations, other module names, stride-2 convs padded at the bottom / right only, and the input normalisation
+  inside the model. Defaults: `depth=70,width=16,activation=swish`, the published WRN-70-16s, and
+  `normalize=cifar10`, DMWideResNet's own default; a CIFAR-100 checkpoint needs `normalize=cifar100`.
 
 PyTorch compatibility: 3x3 convolutions with stride 2 pad symmetrically (`ZeroPadding2D(1)` + a "valid" conv, as
-PyTorch's padding=1 does; Keras "same" would pad only bottom/right), BatchNormalization(epsilon=1e-5,
-momentum=0.9) (PyTorch's eps=1e-5, momentum=0.1), and the layer order of the PyTorch code. Keras layer names
-are the PyTorch module paths with "." replaced by "_" (e.g. `layer2_0_shortcut_0`), which is what
-`mtard_tf.import_torch` relies on.
+PyTorch's padding=1 does; Keras "same" would pad only bottom/right; `dm_wrn` pads bottom/right as its reference),
+BatchNormalization(epsilon=1e-5, momentum=0.9) (PyTorch's eps=1e-5, momentum=0.1; `dm_wrn`: momentum=0.99, the
+decay of DeepMind's training code), and the layer order of the PyTorch code. Keras layer names are the PyTorch
+module paths with "_" doubled, then "." replaced by "_" (e.g. `layer2_0_shortcut_0`, and `layer_0_block_0_conv__0`
+for `layer.0.block.0.conv_0`), which is what `mtard_tf.import_torch` relies on.
 
-Input normalisation: none by default (the paper's checkpoints take [0, 1] inputs). A checkpoint trained on
-normalised inputs (e.g. chenyaofo's pretrained ResNet-56) is used with the `normalize` kwarg, which puts a
-`keras.layers.Normalization` with fixed mean/variance right after the input: `normalize=cifar10` or
-`normalize=cifar100` (chenyaofo's training statistics), or six numbers `m0/m1/m2/s0/s1/s2` (per-channel mean,
-then per-channel std).
+Input normalisation: none by default (the paper's checkpoints take [0, 1] inputs), except in `dm_wrn`. A checkpoint
+trained on normalised inputs (e.g. chenyaofo's pretrained ResNet-56) is used with the `normalize` kwarg, which puts
+a `keras.layers.Normalization` with fixed mean/variance right after the input: `normalize=cifar10` or
+`normalize=cifar100` (the statistics the architecture's published checkpoints were trained with: chenyaofo's, CIFAR-10
+std 0.2023/0.1994/0.2010; for `dm_wrn` DeepMind's, CIFAR-10 std 0.2471/0.2435/0.2616), `normalize=none`, or six
+numbers `m0/m1/m2/s0/s1/s2` (per-channel mean, then per-channel std).
 
 Mixed precision: the classifier is a float32 Dense, so the logits are float32 under a "mixed_float16" policy.
 """
@@ -48,21 +57,32 @@ NORMALIZATION_PRESETS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
     "cifar100": ((0.5070, 0.4865, 0.4409), (0.2673, 0.2564, 0.2761)),
 }
+# DeepMind's (CIFAR10_MEAN / CIFAR10_STD, CIFAR100_MEAN / CIFAR100_STD of RobustBench
+# robustbench/model_zoo/architectures/dm_wide_resnet.py): the per-pixel std of the training images.
+DM_NORMALIZATION_PRESETS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
+# Haiku's BatchNorm(decay_rate=0.99) of DeepMind's training code (deepmind-research adversarial_robustness/jax/
+# model_zoo.py), PyTorch's momentum=0.01. Their PyTorch port keeps PyTorch's default, which matters only in training.
+DM_BN_MOMENTUM = 0.99
 
 
-def resolve_normalization(normalize):
-    """None / "none" -> None; a preset name or "m0/m1/m2/s0/s1/s2" or a (mean, std) pair -> (mean, std) tuples."""
+def resolve_normalization(normalize, presets=None):
+    """None / "none" -> None; a name of `presets` (default NORMALIZATION_PRESETS) or "m0/m1/m2/s0/s1/s2" or a
+    (mean, std) pair -> (mean, std) tuples."""
+    presets = NORMALIZATION_PRESETS if presets is None else presets
     if normalize is None:
         return None
     if isinstance(normalize, str):
         text = normalize.strip().lower()
         if text in ("", "none", "false", "0"):
             return None
-        if text in NORMALIZATION_PRESETS:
-            return NORMALIZATION_PRESETS[text]
+        if text in presets:
+            return presets[text]
         parts = text.split("/")
         try:
             numbers = [float(p) for p in parts]
@@ -70,7 +90,7 @@ def resolve_normalization(normalize):
             numbers = []
         if len(numbers) != 6 or any(s <= 0 for s in numbers[3:]):
             raise ModelSpecError(
-                f"normalize={normalize!r}: expected none, {', '.join(sorted(NORMALIZATION_PRESETS))} or six numbers "
+                f"normalize={normalize!r}: expected none, {', '.join(sorted(presets))} or six numbers "
                 "m0/m1/m2/s0/s1/s2 (positive stds)")
         return tuple(numbers[:3]), tuple(numbers[3:])
     mean, std = normalize
@@ -80,21 +100,26 @@ def resolve_normalization(normalize):
 class _Builder:
     """Small helpers that create layers named after the PyTorch module paths."""
 
-    def __init__(self, sync_batchnorm):
+    def __init__(self, sync_batchnorm, bn_momentum=BN_MOMENTUM):
         self.sync_batchnorm = sync_batchnorm
+        self.bn_momentum = bn_momentum
 
     @staticmethod
     def name(path):
-        return path.replace(".", "_")
+        """The Keras name of a PyTorch module path: "_" doubled, then "." -> "_" (import_torch.torch_path inverts
+        it)."""
+        return path.replace("_", "__").replace(".", "_")
 
-    def conv(self, x, path, filters, kernel_size, stride=1, use_bias=False):
-        """nn.Conv2d(kernel_size, stride, padding=kernel_size // 2) with PyTorch's symmetric padding."""
+    def conv(self, x, path, filters, kernel_size, stride=1, use_bias=False, stride_padding=None):
+        """nn.Conv2d(kernel_size, stride, padding=kernel_size // 2) with PyTorch's symmetric padding; a strided conv
+        is padded by `stride_padding` (a ZeroPadding2D padding) instead if given."""
         padding = "valid"
         if kernel_size > 1:
             if stride == 1:
                 padding = "same"  # symmetric for odd kernels at stride 1
             else:
-                x = keras.layers.ZeroPadding2D(kernel_size // 2, name=self.name(path) + "_pad")(x)
+                pad = kernel_size // 2 if stride_padding is None else stride_padding
+                x = keras.layers.ZeroPadding2D(pad, name=self.name(path) + "_pad")(x)
         return keras.layers.Conv2D(
             filters, kernel_size, strides=stride, padding=padding, use_bias=use_bias,
             kernel_initializer="he_normal", name=self.name(path))(x)
@@ -111,10 +136,16 @@ class _Builder:
 
     def bn(self, x, path):
         return keras.layers.BatchNormalization(
-            epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=self.sync_batchnorm, name=self.name(path))(x)
+            epsilon=BN_EPSILON, momentum=self.bn_momentum, synchronized=self.sync_batchnorm, name=self.name(path))(x)
 
     def relu(self, x, name):
         return keras.layers.ReLU(name=self.name(name))(x)
+
+    def activation(self, x, name, kind):
+        """`kind` "relu", or "swish": x * sigmoid(x) (Keras' and PyTorch's silu)."""
+        if kind == "relu":
+            return self.relu(x, name)
+        return keras.layers.Activation("silu", name=self.name(name))(x)
 
     def add(self, a, b, name):
         return keras.layers.Add(name=self.name(name))([a, b])
@@ -204,42 +235,85 @@ def _cifar_resnet(name, num_classes, input_shape, sync_batchnorm, depth=56, widt
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# WideResNet (TRADES, yaodongyu/TRADES models/wideresnet.py)
+# Pre-activation WideResNets (Zagoruyko & Komodakis 2016): depth 6n+4, three groups of n blocks of width 16 * widen,
+# 32 * widen, 64 * widen. The TRADES WideResNet (yaodongyu/TRADES models/wideresnet.py) and DeepMind's (RobustBench
+# robustbench/model_zoo/architectures/dm_wide_resnet.py) compute the same blocks; they differ in module names,
+# activation, stride-2 padding and BatchNorm momentum.
+
+# Module names of a block ("{group}" counts from 0, "{stage}" from 1) and of the network around the blocks.
+_TRADES_WRN_NAMES = {
+    "stem": "conv1", "block": "block{stage}.layer.{index}", "bn_0": "bn1", "act_0": "relu1", "conv_0": "conv1",
+    "bn_1": "bn2", "act_1": "relu2", "conv_1": "conv2", "shortcut": "convShortcut", "bn": "bn1", "head": "fc",
+}
+_DM_WRN_NAMES = {
+    "stem": "init_conv", "block": "layer.{group}.block.{index}", "bn_0": "batchnorm_0", "act_0": "relu_0",
+    "conv_0": "conv_0", "bn_1": "batchnorm_1", "act_1": "relu_1", "conv_1": "conv_1", "shortcut": "shortcut",
+    "bn": "batchnorm", "head": "logits",
+}
+
+
+def _preact_wide_resnet(name, num_classes, input_shape, builder, normalize, depth, widen, names, activation,
+                        stride_padding=None):
+    """Block: a = act(bn_0(x)); out = conv_1(act(bn_1(conv_0(a)))); out + (x, or the 1x1 projection of a where the
+    width changes). Then act(bn(x)), global average pool and the `head` Dense."""
+    b = builder
+    n = (depth - 4) // 6
+    inputs, x = _inputs(input_shape, normalize)
+    x = b.conv(x, names["stem"], 16, 3)
+    in_planes = 16
+    for group, (out_planes, first_stride) in enumerate(zip((16 * widen, 32 * widen, 64 * widen), (1, 2, 2))):
+        for index in range(n):
+            stride = first_stride if index == 0 else 1
+            p = names["block"].format(group=group, stage=group + 1, index=index) + "."
+            activated = b.activation(b.bn(x, p + names["bn_0"]), p + names["act_0"], activation)
+            out = b.conv(activated, p + names["conv_0"], out_planes, 3, stride, stride_padding=stride_padding)
+            out = b.activation(b.bn(out, p + names["bn_1"]), p + names["act_1"], activation)
+            out = b.conv(out, p + names["conv_1"], out_planes, 3)
+            if in_planes == out_planes:
+                shortcut = x
+            else:  # the projection sees the pre-activated input, as in both references
+                shortcut = b.conv(activated, p + names["shortcut"], out_planes, 1, stride)
+            x = b.add(shortcut, out, p + "add")
+            in_planes = out_planes
+    x = b.activation(b.bn(x, names["bn"]), "relu", activation)
+    outputs = b.head(x, names["head"], num_classes)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def _check_depth_6n_plus_4(name, depth):
+    if depth < 10 or (depth - 4) % 6:
+        raise ModelSpecError(f"{name} depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ..., 70), got {depth}")
 
 
 def _check_wide_resnet(depth, widen, normalize):
     _positive_int(depth, "depth")
     _positive_int(widen, "widen")
-    if depth < 10 or (depth - 4) % 6:
-        raise ModelSpecError(f"wide_resnet depth must be 6n+4 with n >= 1 (10, 16, 22, 28, 34, ...), got {depth}")
+    _check_depth_6n_plus_4("wide_resnet", depth)
 
 
 def _wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=34, widen=10, normalize=None):
-    n = (depth - 4) // 6
-    channels = (16, 16 * widen, 32 * widen, 64 * widen)
-    b = _Builder(sync_batchnorm)
-    inputs, x = _inputs(input_shape, normalize)
-    x = b.conv(x, "conv1", channels[0], 3)
-    in_planes = channels[0]
-    # block1, block2, block3 (the TRADES module's sub_block1 is never called in forward()).
-    for group, (out_planes, first_stride) in enumerate(zip(channels[1:], (1, 2, 2)), start=1):
-        for index in range(n):
-            stride = first_stride if index == 0 else 1
-            p = f"block{group}.layer.{index}"
-            equal_in_out = in_planes == out_planes
-            activated = b.relu(b.bn(x, p + ".bn1"), p + ".relu1")
-            out = b.conv(activated, p + ".conv1", out_planes, 3, stride)
-            out = b.relu(b.bn(out, p + ".bn2"), p + ".relu2")
-            out = b.conv(out, p + ".conv2", out_planes, 3)
-            if equal_in_out:
-                shortcut = x
-            else:  # the projection sees the pre-activated input, as in the reference
-                shortcut = b.conv(activated, p + ".convShortcut", out_planes, 1, stride)
-            x = b.add(shortcut, out, p + ".add")
-            in_planes = out_planes
-    x = b.relu(b.bn(x, "bn1"), "relu")
-    outputs = b.head(x, "fc", num_classes)
-    return keras.Model(inputs, outputs, name=name)
+    """The TRADES WideResNet. Its module also defines a `sub_block1` that forward() never calls; it is not built."""
+    return _preact_wide_resnet(name, num_classes, input_shape, _Builder(sync_batchnorm), normalize, depth, widen,
+                               _TRADES_WRN_NAMES, "relu")
+
+
+_DM_ACTIVATIONS = ("relu", "swish")
+
+
+def _check_dm_wide_resnet(depth, width, activation, normalize):
+    _positive_int(depth, "depth")
+    _positive_int(width, "width")
+    _check_depth_6n_plus_4("dm_wrn", depth)
+    if activation not in _DM_ACTIVATIONS:
+        raise ModelSpecError(f"dm_wrn activation must be one of {', '.join(_DM_ACTIVATIONS)}, got {activation!r}")
+
+
+def _dm_wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=70, width=16, activation="swish",
+                    normalize="cifar10"):
+    """DeepMind's WideResNet. Its stride-2 conv_0 sees F.pad(x, (0, 1, 0, 1)): one zero row and column at the bottom
+    and right (TensorFlow's SAME on even sizes), where PyTorch's padding=1 pads all sides."""
+    return _preact_wide_resnet(name, num_classes, input_shape, _Builder(sync_batchnorm, DM_BN_MOMENTUM), normalize,
+                               depth, width, _DM_WRN_NAMES, activation, stride_padding=((0, 1), (0, 1)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,15 +380,23 @@ def _mobilenetv2(name, num_classes, input_shape, sync_batchnorm, width_multiplie
 # ---------------------------------------------------------------------------------------------------------------
 # Registry
 
-# name -> (constructor, default kwargs, check of the kwargs). The defaults also define which kwargs a name accepts
-# and their types; the check raises ModelSpecError on values no model of that name has.
+# name -> (constructor, default kwargs, check of the kwargs, normalisation presets). The defaults also define which
+# kwargs a name accepts and their types; the check raises ModelSpecError on values no model of that name has; the
+# presets are what `normalize=cifar10` / `cifar100` mean for that architecture.
 _REGISTRY = {
-    "resnet18": (_resnet18, {"width": 64, "blocks": 2, "normalize": None}, _check_resnet18),
-    "resnet56": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet),
-    "cifar_resnet": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet),
-    "wrn34_10": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet),
-    "wide_resnet": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet),
-    "mobilenetv2": (_mobilenetv2, {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None}, _check_mobilenetv2),
+    "resnet18": (_resnet18, {"width": 64, "blocks": 2, "normalize": None}, _check_resnet18, NORMALIZATION_PRESETS),
+    "resnet56": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet,
+                 NORMALIZATION_PRESETS),
+    "cifar_resnet": (_cifar_resnet, {"depth": 56, "width": 16, "normalize": None}, _check_cifar_resnet,
+                     NORMALIZATION_PRESETS),
+    "wrn34_10": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet,
+                 NORMALIZATION_PRESETS),
+    "wide_resnet": (_wide_resnet, {"depth": 34, "widen": 10, "normalize": None}, _check_wide_resnet,
+                    NORMALIZATION_PRESETS),
+    "mobilenetv2": (_mobilenetv2, {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None}, _check_mobilenetv2,
+                    NORMALIZATION_PRESETS),
+    "dm_wrn": (_dm_wide_resnet, {"depth": 70, "width": 16, "activation": "swish", "normalize": "cifar10"},
+               _check_dm_wide_resnet, DM_NORMALIZATION_PRESETS),
 }
 
 
@@ -365,7 +447,6 @@ def _check_types(name, kwargs, spec):
         default = defaults[key]
         if key == "normalize":
             value = str(value)
-            resolve_normalization(value)  # validates
         elif isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if default is not None and not isinstance(value, type(default)):
@@ -377,15 +458,17 @@ def _check_types(name, kwargs, spec):
 
 def model_arguments(spec):
     """"resnet56:depth=14" -> ("resnet56", {"depth": 14, "width": 16, "normalize": None}): every argument of the
-    named architecture, the spec's (type-checked and validated) over the defaults. ModelSpecError on a bad spec.
+    named architecture, the spec's (type-checked and validated) over the defaults, with `normalize` resolved to
+    None or a (mean, std) pair by the architecture's presets. ModelSpecError on a bad spec.
 
     Any implementation of the registry's architectures (the Keras models here, mtard_tf.torch_models) reads a spec
     through this function, so they accept the same specs.
     """
     name, kwargs = parse_model_spec(spec)
-    _, defaults, check = _REGISTRY[name]
+    _, defaults, check, presets = _REGISTRY[name]
     arguments = {**defaults, **_check_types(name, kwargs, spec)}
     check(**arguments)
+    arguments["normalize"] = resolve_normalization(arguments["normalize"], presets)
     return name, arguments
 
 

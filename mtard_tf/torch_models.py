@@ -7,7 +7,9 @@ Each is written from the published code, with its module names, so that its stat
 * `CifarResNet`: chenyaofo/pytorch-cifar-models cifar_resnet.py (MTARD's clean ResNet-56 teacher);
 * `TradesWideResNet`: yaodongyu/TRADES models/wideresnet.py (the robust WideResNet-34-10 teacher), with its unused
   `sub_block1`;
-* `KuangliuMobileNetV2`: kuangliu/pytorch-cifar models/mobilenetv2.py.
+* `KuangliuMobileNetV2`: kuangliu/pytorch-cifar models/mobilenetv2.py;
+* `DMWideResNet`: RobustBench robustbench/model_zoo/architectures/dm_wide_resnet.py (the WideResNets of Gowal et
+  al. 2020, among them the paper's CIFAR-100 WRN-70-16 teacher), whose published checkpoints hold no mean / std.
 
 They are written independently of mtard_tf.models (only the spec is read through `models.model_arguments`), so the
 tests that compare the two are a check of the Keras models. They take NCHW images in [0, 1]; the spec's `normalize`
@@ -246,6 +248,67 @@ class KuangliuMobileNetV2(CifarNetwork):
         return self.linear(out.view(out.size(0), -1))
 
 
+class DMBlock(nn.Module):
+    """DeepMind WideResNet _Block: pre-activation; conv_0 sees its input zero-padded by (1, 1, 1, 1) at stride 1 and by
+    (0, 1, 0, 1) (right and bottom only) at stride 2; the 1x1 `shortcut`, where the width changes, sees the
+    activated input. BatchNorm momentum 0.01 as DeepMind's training (Haiku decay 0.99; the published PyTorch code
+    keeps PyTorch's 0.1, which only training sees)."""
+
+    def __init__(self, in_planes, out_planes, stride, activation):
+        super().__init__()
+        self.batchnorm_0 = nn.BatchNorm2d(in_planes, momentum=0.01)
+        self.relu_0 = activation()
+        self.conv_0 = nn.Conv2d(in_planes, out_planes, 3, stride, 0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(out_planes, momentum=0.01)
+        self.relu_1 = activation()
+        self.conv_1 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False) if in_planes != out_planes else None
+        self.padding = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+
+    def forward(self, x):
+        activated = self.relu_0(self.batchnorm_0(x))
+        out = self.conv_0(F.pad(activated, self.padding))
+        out = self.conv_1(self.relu_1(self.batchnorm_1(out)))
+        return (x if self.shortcut is None else self.shortcut(activated)) + out
+
+
+class DMBlockGroup(nn.Module):
+    def __init__(self, num_blocks, in_planes, out_planes, stride, activation):
+        super().__init__()
+        self.block = nn.Sequential(*[
+            DMBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, activation)
+            for i in range(num_blocks)])
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class DMWideResNet(CifarNetwork):
+    """DeepMind WideResNet-(6n+4)-width: init_conv to 16 channels, `layer` of three groups of n blocks (16, 32, 64
+    times width channels), batchnorm + activation, average pool, `logits`. Swish is nn.SiLU, x * sigmoid(x), the
+    function of the reference's Swish; the input normalisation is the spec's `normalize`."""
+
+    activations = {"swish": nn.SiLU, "relu": nn.ReLU}
+
+    def __init__(self, depth=70, width=16, activation="swish", num_classes=10, normalize=None):
+        super().__init__(normalize)
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        act = self.activations[activation]
+        self.init_conv = nn.Conv2d(3, channels[0], 3, 1, 1, bias=False)
+        self.layer = nn.Sequential(*[DMBlockGroup(n, channels[i], channels[i + 1], stride, act)
+                                     for i, stride in enumerate((1, 2, 2))])
+        self.batchnorm = nn.BatchNorm2d(channels[3], momentum=0.01)
+        self.relu = act()
+        self.logits = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x):
+        out = self.layer(self.init_conv(self.normalize(x)))
+        out = self.relu(self.batchnorm(out))
+        out = F.avg_pool2d(out, out.shape[-1])
+        return self.logits(out.flatten(1))
+
+
 # Registry name (mtard_tf.models) -> module class; its constructor takes the spec's arguments by name.
 ARCHITECTURES = {
     "resnet18": KuangliuResNet18,
@@ -254,6 +317,7 @@ ARCHITECTURES = {
     "wrn34_10": TradesWideResNet,
     "wide_resnet": TradesWideResNet,
     "mobilenetv2": KuangliuMobileNetV2,
+    "dm_wrn": DMWideResNet,
 }
 
 

@@ -67,6 +67,9 @@ ARCHITECTURES = (  # tiny configurations
     "wrn34_10:depth=10,widen=1",
     "wrn34_10:depth=16,widen=2",
     "mobilenetv2:width_multiplier=0.25",
+    "dm_wrn:depth=10,width=1",
+    "dm_wrn:depth=16,width=2",
+    "dm_wrn:depth=10,width=2,activation=relu,normalize=cifar100",
 )
 
 
@@ -115,6 +118,41 @@ def test_normalization_tensors_in_the_state_dict():
     _compare(reference, model)
     with pytest.raises(import_torch.CheckpointError, match="differs from normalize=cifar10"):
         import_torch.convert_state_dict("resnet56:depth=8,width=4,normalize=cifar10", state, 10)
+
+
+def test_dm_wide_resnet_has_the_robustbench_state_dict():
+    """The module names of RobustBench's DMWideResNet (robustbench/model_zoo/architectures/dm_wide_resnet.py), whose
+    mean / std buffers are not persistent: the published checkpoints hold the weights only."""
+    keys = set(_reference("dm_wrn:depth=10,width=1").state_dict())
+    assert {"init_conv.weight", "layer.0.block.0.batchnorm_0.weight", "layer.0.block.0.conv_0.weight",
+            "layer.0.block.0.batchnorm_1.running_var", "layer.0.block.0.conv_1.weight",
+            "layer.1.block.0.shortcut.weight", "layer.2.block.0.shortcut.weight", "batchnorm.running_mean",
+            "logits.weight", "logits.bias"} <= keys
+    assert "layer.0.block.0.shortcut.weight" not in keys  # 16 -> 16 channels at width 1: identity
+    assert not keys & {"mean", "std"}
+
+
+def test_dm_wide_resnet_normalization_in_the_checkpoint():
+    """A checkpoint that carries DMWideResNet's mean / std buffers (persistent in some versions) sets the
+    normalisation; a different `normalize` in --arch is refused."""
+    reference = _reference("dm_wrn:depth=10,width=1,normalize=cifar100")
+    mean, std = models.DM_NORMALIZATION_PRESETS["cifar100"]
+    state = dict(reference.state_dict(), mean=torch.tensor(mean).view(3, 1, 1), std=torch.tensor(std).view(3, 1, 1))
+    _compare(reference, import_torch.convert_state_dict("dm_wrn:depth=10,width=1", state, 10))
+    _compare(reference, import_torch.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar100", state, 10))
+    with pytest.raises(import_torch.CheckpointError, match="differs from normalize=cifar10 in --arch"):
+        import_torch.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar10", state, 10)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "model."])
+def test_robustbench_trades_wide_resnet_checkpoint(prefix, tmp_path):
+    """RobustBench's Zhang2019Theoretically (the TRADES WRN-34-10) is its WideResNet(sub_block1=True), the TRADES
+    layout, saved as {"state_dict": ...} with prefixed keys; here at depth 10."""
+    spec = "wrn34_10:depth=10,widen=1"
+    reference = _reference(spec)
+    path = str(tmp_path / "Zhang2019Theoretically.pt")
+    torch.save({"state_dict": {prefix + k: v for k, v in reference.state_dict().items()}}, path)
+    _compare(reference, import_torch.convert_checkpoint(spec, path, 10))
 
 
 @pytest.mark.parametrize("wrap", ["plain", "module", "state_dict", "model+module", "net"])

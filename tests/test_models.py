@@ -13,6 +13,7 @@ TINY_SPECS = [
     "wrn34_10:depth=10,widen=1",
     "wide_resnet:depth=10,widen=1",
     "mobilenetv2:width_multiplier=0.25,max_blocks=1",
+    "dm_wrn:depth=10,width=1",
 ]
 
 
@@ -30,7 +31,7 @@ def _trainable_parameters(model):
 
 def test_available_models():
     assert models.available_models() == sorted(
-        ["resnet18", "resnet56", "cifar_resnet", "wrn34_10", "wide_resnet", "mobilenetv2"])
+        ["resnet18", "resnet56", "cifar_resnet", "wrn34_10", "wide_resnet", "mobilenetv2", "dm_wrn"])
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)
@@ -79,6 +80,24 @@ def test_wide_resnet_has_no_sub_block():
     assert any(layer.name.startswith("block3_layer_0") for layer in model.layers)
 
 
+def test_dm_wide_resnet_layers():
+    """Stride-2 3x3 convs padded bottom/right only, BatchNorm momentum 0.99, swish, DeepMind's CIFAR-10 statistics."""
+    model = models.build_model("dm_wrn:depth=10,width=2", 10)
+    layers = {layer.name: layer for layer in model.layers}
+    for name in ("layer_1_block_0_conv__0_pad", "layer_2_block_0_conv__0_pad"):
+        assert layers[name].padding == ((0, 1), (0, 1))
+    assert layers["layer_1_block_0_conv__0"].padding == "valid" and layers["layer_0_block_0_conv__0"].padding == "same"
+    assert all(layer.momentum == pytest.approx(0.99) and layer.epsilon == pytest.approx(1e-5)
+               for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    assert layers["layer_0_block_0_relu__0"].get_config()["activation"] == "silu"
+    mean, std = models.DM_NORMALIZATION_PRESETS["cifar10"]
+    np.testing.assert_allclose(layers["normalize"].get_config()["variance"], np.square(std), rtol=1e-6)
+    np.testing.assert_allclose(layers["normalize"].get_config()["mean"], mean, rtol=1e-6)
+    relu = models.build_model("dm_wrn:depth=10,width=2,activation=relu,normalize=none", 10)
+    assert isinstance(relu.get_layer("relu"), keras.layers.ReLU)
+    assert "normalize" not in {layer.name for layer in relu.layers}
+
+
 def test_normalize_layer(tmp_path):
     plain = models.build_model("resnet18:width=2,blocks=1", 10)
     normed = models.build_model("resnet18:width=2,blocks=1,normalize=cifar10", 10)
@@ -123,7 +142,8 @@ def test_parse_model_spec_rejects(spec, message):
 
 @pytest.mark.parametrize("spec", [
     "resnet18:width=abc", "resnet18:width=2.5", "resnet56:depth=10", "wrn34_10:depth=12",
-    "mobilenetv2:width_multiplier=-1", "resnet18:normalize=imagenet",
+    "mobilenetv2:width_multiplier=-1", "resnet18:normalize=imagenet", "dm_wrn:depth=12", "dm_wrn:activation=gelu",
+    "dm_wrn:width=0",
 ])
 def test_build_model_rejects_bad_values(spec):
     with pytest.raises(ValueError):
@@ -137,6 +157,13 @@ def test_build_model_rejects_bad_values(spec):
     ("resnet56:depth=14", ("resnet56", {"depth": 14, "width": 16, "normalize": None})),
     ("wrn34_10:depth=10,widen=2", ("wrn34_10", {"depth": 10, "widen": 2, "normalize": None})),
     ("mobilenetv2:width_multiplier=1", ("mobilenetv2", {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None})),
+    ("resnet56:normalize=cifar10", ("resnet56", {"depth": 56, "width": 16,
+                                                 "normalize": models.NORMALIZATION_PRESETS["cifar10"]})),
+    ("dm_wrn", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish",
+                           "normalize": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))})),
+    ("dm_wrn:normalize=cifar100", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish",
+                                              "normalize": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))})),
+    ("dm_wrn:normalize=none", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish", "normalize": None})),
 ])
 def test_model_arguments_fill_in_the_defaults(spec, expected):
     assert models.model_arguments(spec) == expected
@@ -151,6 +178,29 @@ def test_model_arguments_fill_in_the_defaults(spec, expected):
 def test_full_size_parameter_counts(spec, expected):
     model = models.build_model(spec, num_classes=10)
     assert _trainable_parameters(model) == expected
+
+
+def _wide_resnet_parameters(depth, widen, num_classes):
+    """Trainable parameters of a pre-activation WRN-depth-widen: 3x3 stem to 16, per block BN + 3x3 conv, BN + 3x3 conv
+    (+ 1x1 projection where the width changes), final BN and Dense."""
+    total, in_planes = 27 * 16, 16
+    for planes in (16 * widen, 32 * widen, 64 * widen):
+        for _ in range((depth - 4) // 6):
+            total += 2 * in_planes + 9 * in_planes * planes + 2 * planes + 9 * planes * planes
+            total += in_planes * planes if in_planes != planes else 0
+            in_planes = planes
+    return total + 2 * in_planes + (in_planes + 1) * num_classes
+
+
+def test_full_size_dm_wrn_70_16_parameter_count():
+    """266.8M at full size (Gowal et al. 2020: 267M), by the formula that small built models are checked against
+    (building the full model takes ~20 s and 1 GB; built once, it had 266,888,756 trainable weights at 100 classes)."""
+    assert _wide_resnet_parameters(34, 10, 10) == 46_160_474  # the TRADES WRN-34-10 count built above
+    for spec, depth, width in (("dm_wrn:depth=10,width=1", 10, 1), ("dm_wrn:depth=16,width=2", 16, 2)):
+        assert _trainable_parameters(models.build_model(spec, num_classes=100)) == _wide_resnet_parameters(
+            depth, width, 100)
+    assert _wide_resnet_parameters(70, 16, 10) == 266_796_506
+    assert _wide_resnet_parameters(70, 16, 100) == 266_888_756
 
 
 def test_mixed_precision_logits_are_float32():

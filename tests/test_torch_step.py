@@ -6,7 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from mtard_tf import models  # noqa: E402  (after the importorskip)
-from mtard_tf.torch_models import CifarResNet, TradesWideResNet, build_torch_model  # noqa: E402
+from mtard_tf.torch_models import CifarResNet, DMWideResNet, TradesWideResNet, build_torch_model  # noqa: E402
 from mtard_tf.torch_step import TorchBMTARDStep  # noqa: E402
 
 SPECS = ("resnet18:width=4,blocks=1", "resnet56:depth=8,width=4", "wrn34_10:depth=10,widen=1")
@@ -24,6 +24,10 @@ def test_specs_build_the_named_architectures():
     wide = build_torch_model("wrn34_10:depth=10,widen=2", num_classes=100)
     assert isinstance(wide, TradesWideResNet) and len(wide.block1.layer) == 1 and wide.fc.out_features == 100
     assert build_torch_model("resnet18:width=8").conv1.out_channels == 8
+    deep_mind = build_torch_model("dm_wrn:depth=16,width=2,normalize=cifar100", num_classes=100)
+    assert isinstance(deep_mind, DMWideResNet) and len(deep_mind.layer[2].block) == 2
+    assert deep_mind.logits.out_features == 100 and isinstance(deep_mind.relu, torch.nn.SiLU)
+    assert torch.equal(deep_mind.input_std.flatten(), torch.tensor(models.DM_NORMALIZATION_PRESETS["cifar100"][1]))
     with pytest.raises(models.ModelSpecError, match="6n\\+2"):
         build_torch_model("resnet56:depth=15")
 
