@@ -34,6 +34,8 @@ STRATEGIES = ("mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")  # evaluation.ATTACK_NAMES
 SELECT_MODES = ("last", "best_test", "best_holdout")
+EXPORT_FORMATS = ("savedmodel", "tflite")
+QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.tflite.convert)
 
 
 def option(default, help, *, flag=None, choices=None, lower=None, upper=None, check=None, factory=None):
@@ -193,12 +195,20 @@ class EvalConfig:
     num_examples: int | None = option(None, "Evaluate on the first N test images (default: all).",
                                       flag="num_eval_examples", lower=1)
     batch_size: int = option(250, "Images per evaluation batch.", flag="eval_batch_size", lower=1)
+    source_model: str = option("", "The float Keras student (.keras) a .tflite --model was converted from, required "
+                               "to evaluate a .tflite file: the transfer attacks (PGD-20, APGD-CE) are crafted on it, "
+                               "and its own figures under the same attacks are reported beside the TFLite model's.",
+                               flag="source_model")
+    square_queries: int = option(5000, "Queries of the Square attack run directly against each model when --model is "
+                                 "a .tflite file (AutoAttack's Square keeps its standard 5000).",
+                                 flag="square_queries", lower=1)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
-    """The TF Serving export of the student."""
-    export_dir: str = option("saved_models", "Root of the TF Serving model directories.", flag="export_dir")
+    """The export of the student: a TF Serving SavedModel or a TensorFlow Lite file."""
+    export_dir: str = option("saved_models", "Root of the exported model directories (TF Serving's, which also hold "
+                             "the .tflite files).", flag="export_dir")
     model_name: str = option("mtard_student", "Model name under --export_dir (TF Serving's model name).",
                              flag="model_name")
     version: int | None = option(None, "Export version (default: the next free one).", flag="model_version",
@@ -206,6 +216,23 @@ class ExportConfig:
     precision: str = option("float32", "Dtype policy of the exported model (the saved weights are float32 whatever "
                             "the training precision): mixed_bfloat16 / mixed_float16 serve in 16 bits.",
                             flag="export_precision", choices=PRECISIONS)
+    format: str = option("savedmodel", "savedmodel: a TF Serving SavedModel version directory; tflite: "
+                         "<export_dir>/<model_name>/<version>.tflite for the TensorFlow Lite interpreter (the same "
+                         "version numbering; input float32 images in [0, 1], output logits).", flag="format",
+                         choices=EXPORT_FORMATS)
+    quantize: str = option("none", "Numeric format of a --format=tflite export: none (float32), float16 (float16 "
+                           "weights), int8 (full-integer post-training quantisation calibrated on "
+                           "--representative_examples train images; float32 input and output).", flag="quantize",
+                           choices=QUANTIZATIONS)
+    representative_examples: int = option(500, "The first N train images, which calibrate the activation ranges of "
+                                          "--quantize=int8.", flag="representative_examples", lower=1)
+
+    def __post_init__(self):
+        if self.quantize != "none" and self.format != "tflite":
+            raise ConfigError("--quantize applies to --format=tflite")
+        if self.format == "tflite" and self.precision != "float32":
+            raise ConfigError("--export_precision applies to --format=savedmodel: a TFLite model is converted from "
+                              "the float32 student (--quantize sets its numeric format)")
 
 
 def _teacher(**defaults):

@@ -157,6 +157,14 @@ def holdout_dataset(name, data_dir, batch_size, holdout, num_examples=None):
         dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
+def first_train_images(name, data_dir, num_examples):
+    """The first `num_examples` images of the train split, in order, not augmented: float32 numpy [N, H, W, C] in
+    [0, 1] (the calibration images of an int8 export)."""
+    dataset = _load_split(name, f"train[:{int(num_examples)}]", data_dir)
+    images, _ = next(iter(dataset.map(to_float).batch(int(num_examples))))
+    return images.numpy()
+
+
 def _shard_by_data(dataset):
     """Multi-worker sharding by element: each worker builds the global batch and keeps its replicas' part, in order,
     so the global batch is the one of a single worker (file sharding would give the workers different streams)."""

@@ -9,6 +9,9 @@ inference mode; randomness comes from stateless RNG seeded by `seed`, so a run r
 (AutoAttack-robust => robust under every other attack => clean-correct) flags broken attacks and gradient masking.
 An image counts as robust under an attack only if it is also classified correctly without attack, as in AutoAttack.
 
+`evaluate_deployed` measures a deployed model (a TFLite interpreter, which has no gradients) beside the float model
+it was converted from: PGD-20 and APGD-CE transferred from the float model, Square run against each model directly.
+
 Library code: no flags are read here; the CLI passes plain arguments.
 """
 
@@ -35,6 +38,8 @@ DISPLAY_NAMES = {
     "pgd_trades": "PGD-TRADES",
     "cw": "CW∞",
     "autoattack": "AutoAttack",
+    "apgd_ce": "APGD-CE",
+    "square": "Square",
 }
 DEFAULT_EPSILON = 8.0 / 255.0
 # Beside report.json: one bool array of per-image robust flags per attack name, and "labels".
@@ -202,6 +207,30 @@ def sanity_check(correct, max_examples=10):
     return {"passed": total == 0, "violations": total, "checks": checks}
 
 
+def accuracy_result(flags):
+    """{"accuracy", "num_correct", "num_examples", "ci95"} of per-image correctness flags (ci95: the 95% Wilson
+    interval)."""
+    n, num_correct = len(flags), int(np.sum(flags))
+    return {"accuracy": float(num_correct / n), "num_correct": num_correct, "num_examples": n,
+            "ci95": list(stats.wilson_interval(num_correct, n))}
+
+
+def _perturbation(x_adv, x):
+    """(max |x_adv - x|, number of values of x_adv outside [0, 1]) of a batch."""
+    x_adv = np.asarray(x_adv)
+    return float(np.max(np.abs(x_adv - x))), int(np.sum((x_adv < 0.0) | (x_adv > 1.0)))
+
+
+def _check_perturbation(name, max_perturbation, out_of_range, epsilon):
+    """Whether an attack's images stayed in the eps-ball and in [0, 1]; logs an error when they did not."""
+    valid = max_perturbation <= epsilon + _TOLERANCE and out_of_range == 0
+    if not valid:
+        logging.error("%s produced images outside the eps-ball or [0, 1] (max |x_adv - x| = %g, eps = %g, "
+                      "%d values outside [0, 1]): its accuracy is not a valid robustness number.",
+                      name, max_perturbation, epsilon, out_of_range)
+    return valid
+
+
 def format_accuracy(accuracy, ci95=None):
     """An accuracy in %, with its confidence interval when given: '52.80 [48.4, 57.1]'."""
     text = f"{100 * accuracy:.2f}"
@@ -300,7 +329,7 @@ def _batch_seed(seed, attack_index, batch_index):
 
 def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
              seed=0, output_dir, summary_writer=None, progress=True, step=0, jit_compile=False, attack_options=None,
-             title=None, selection=None):
+             title=None, selection=None, model_file=None):
     """Accuracy of `model` under each attack on the first `num_examples` examples of `dataset`.
 
     Args:
@@ -315,6 +344,8 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
       attack_options: {attack name: extra keyword arguments}, e.g. reduced AutoAttack budgets for tests.
       selection: how the evaluated model was selected (the "selection" entry of its student.json), kept in the
         report and stated in report.md.
+      model_file: {"path", "sha256"} of the evaluated model's file, kept in the report (a model card quotes the
+        report only for the file it evaluated).
     Returns the report dict (the content of report.json).
     """
     names = parse_attacks(attacks)
@@ -349,20 +380,14 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
                 # may always submit the clean image, so an attack that happens to "fix" a misclassified image (FGSM
                 # on a non-robust model does) must not count as robustness.
                 flags[begin:end] &= correct["clean"][begin:end]
-            x_adv_np = np.asarray(x_adv)
-            max_perturbation = max(max_perturbation, float(np.max(np.abs(x_adv_np - images[begin:end]))))
-            out_of_range += int(np.sum((x_adv_np < 0.0) | (x_adv_np > 1.0)))
+            batch_perturbation, batch_out_of_range = _perturbation(x_adv, images[begin:end])
+            max_perturbation = max(max_perturbation, batch_perturbation)
+            out_of_range += batch_out_of_range
             bar.update(end, values=[("accuracy", float(flags[:end].mean()))])
         seconds = time.time() - start
         correct[name] = flags
-        valid = max_perturbation <= epsilon + _TOLERANCE and out_of_range == 0
-        if not valid:
-            logging.error("%s produced images outside the eps-ball or [0, 1] (max |x_adv - x| = %g, eps = %g, "
-                          "%d values outside [0, 1]): its accuracy is not a valid robustness number.",
-                          name, max_perturbation, epsilon, out_of_range)
-        results[name] = {"accuracy": float(flags.mean()), "num_correct": int(flags.sum()), "num_examples": n,
-                         "ci95": list(stats.wilson_interval(int(flags.sum()), n)),
-                         "seconds": round(seconds, 3), "max_perturbation": max_perturbation, "valid": valid}
+        results[name] = {**accuracy_result(flags), "seconds": round(seconds, 3), "max_perturbation": max_perturbation,
+                         "valid": _check_perturbation(name, max_perturbation, out_of_range, epsilon)}
         logging.info("%s: accuracy %.2f%% (%d/%d) in %.1f s", DISPLAY_NAMES[name], 100 * flags.mean(),
                      flags.sum(), n, seconds)
 
@@ -384,12 +409,12 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
               "batch_size": int(batch_size), "sanity": sanity, "per_image": PER_IMAGE_FILE}
     if selection:
         report["selection"] = selection
+    if model_file:
+        report["model"] = model_file
     if attack_options:
         report["attack_options"] = {name: {k: v for k, v in opts.items() if not callable(v)}
                                     for name, opts in attack_options.items()}
-    write_per_image(os.path.join(output_dir, PER_IMAGE_FILE), correct, labels)  # before the report that names it
-    files.write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
-    files.write_text(os.path.join(output_dir, "report.md"), format_markdown(report, title))
+    write_report(output_dir, report, correct, labels, format_markdown(report, title))
 
     if summary_writer is not None:
         with summary_writer.as_default():
@@ -402,8 +427,146 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, n
     return report
 
 
+def write_report(output_dir, report, correct, labels, markdown):
+    """per_image.npz (`correct`, `labels`), then report.json (`report`, which names it) and report.md."""
+    write_per_image(os.path.join(output_dir, PER_IMAGE_FILE), correct, labels)
+    files.write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    files.write_text(os.path.join(output_dir, "report.md"), markdown)
+
+
 def _autoattack_logger(batch_index, num_batches):
     def log(stage, num_robust, num_images):
         logging.info("AutoAttack batch %d/%d: %d/%d robust after %s", batch_index + 1, num_batches, num_robust,
                      num_images, stage)
     return log
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A deployed model (e.g. TFLite) beside the float model it was converted from
+# ----------------------------------------------------------------------------------------------------------------
+
+# Attack -> how it reaches the deployed model: "transfer" (crafted on the float source model with its gradients,
+# then given to the deployed model) or "direct" (computed against the deployed model itself). Clean images are
+# given to each model directly.
+DEPLOYED_ATTACKS = {"clean": "direct", "pgd_sat": "transfer", "apgd_ce": "transfer", "square": "direct"}
+# Per-image flags of the source model in per_image.npz: "source_<attack>".
+SOURCE_PREFIX = "source_"
+
+
+def _craft(name, model, x, y, *, epsilon, seed, square_queries):
+    """The images of attack `name` against `model`: clean, PGD-SAT (20 steps of 2/255), APGD-CE (100 iterations;
+    as in AutoAttack, an image it does not break comes back unchanged) or Square (margin loss)."""
+    if name == "apgd_ce":
+        return autoattack.apgd(model, x, y, epsilon=epsilon, steps=100, loss="ce", seed=seed)
+    if name == "square":
+        return autoattack.square(model, x, y, epsilon=epsilon, queries=square_queries, seed=seed)
+    return ATTACKS[name](model, x, y, epsilon=epsilon, seed=seed)
+
+
+def evaluate_deployed(deployed, source, dataset, *, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
+                      seed=0, square_queries=5000, output_dir, progress=True, details=None, title=None):
+    """Robustness of a deployed model beside the float model it was converted from, on the same images.
+
+    `deployed` is a callable images -> logits without gradients (a tflite.TFLiteModel); `source` the float Keras
+    model. Attacks (DEPLOYED_ATTACKS): clean; PGD-20 (pgd_sat) and APGD-CE crafted on `source` and given to both
+    models (a transfer attack on `deployed`, white-box on `source`); Square (`square_queries` queries) run against
+    each model directly, the deployed one through its logits only. Batch seeds are those of `evaluate` for PGD-SAT
+    and AutoAttack, so with the same batch size the source's PGD-20 and APGD-CE images are those of its own
+    evaluation. An image counts as robust for a model only if that model also classifies it correctly clean.
+
+    Writes report.json ({"attacks": {name: {"kind", accuracy fields of `deployed`, "seconds", "source": the same
+    for `source`}}, ...} plus `details`), report.md and per_image.npz (the deployed model's flags by attack name,
+    the source's as "source_<name>") into `output_dir`. Returns the report.
+    """
+    epsilon = float(epsilon)
+    images, labels = take_examples(dataset, num_examples)
+    n = len(labels)
+    os.makedirs(output_dir, exist_ok=True)
+    models = {"deployed": deployed, "source": source}
+    correct = {role: {} for role in models}
+    results = {}
+    for index, (name, kind) in enumerate(DEPLOYED_ATTACKS.items()):
+        seed_index = ATTACK_NAMES.index(name if name in ATTACK_NAMES else "autoattack")
+        if progress:
+            print(f"[{index + 1}/{len(DEPLOYED_ATTACKS)}] {DISPLAY_NAMES[name]} ({kind}) on {n} images", flush=True)
+        bar = keras.utils.Progbar(n, verbose=1 if progress else 0, unit_name="image")
+        flags = {role: np.zeros(n, dtype=bool) for role in models}
+        seconds = dict.fromkeys(models, 0.0)
+        max_perturbation, out_of_range = 0.0, 0
+        for batch_index, begin in enumerate(range(0, n, batch_size)):
+            end = min(begin + batch_size, n)
+            x, y = tf.constant(images[begin:end]), tf.constant(labels[begin:end])
+            options = dict(epsilon=epsilon, seed=_batch_seed(seed, seed_index, batch_index),
+                           square_queries=square_queries)
+            if kind == "transfer":  # crafted once, on the source; its time counts as the source's
+                start = time.time()
+                transferred = _craft(name, source, x, y, **options)
+                seconds["source"] += time.time() - start
+            for role, model in models.items():
+                start = time.time()
+                x_adv = transferred if kind == "transfer" else _craft(name, model, x, y, **options)
+                _, pred = autoattack.predict(model, x_adv)
+                flags[role][begin:end] = pred.numpy() == labels[begin:end]
+                if name != "clean":
+                    flags[role][begin:end] &= correct[role]["clean"][begin:end]
+                seconds[role] += time.time() - start
+                batch_perturbation, batch_out_of_range = _perturbation(x_adv, images[begin:end])
+                max_perturbation = max(max_perturbation, batch_perturbation)
+                out_of_range += batch_out_of_range
+            bar.update(end)
+        for role in models:
+            correct[role][name] = flags[role]
+        results[name] = {"kind": kind, **accuracy_result(flags["deployed"]), "seconds": round(seconds["deployed"], 3),
+                         "max_perturbation": max_perturbation,
+                         "valid": _check_perturbation(name, max_perturbation, out_of_range, epsilon),
+                         "source": {**accuracy_result(flags["source"]), "seconds": round(seconds["source"], 3)}}
+        if name == "square":
+            results[name]["queries"] = int(square_queries)
+        logging.info("%s (%s): deployed %.2f%%, source %.2f%%", DISPLAY_NAMES[name], kind,
+                     100 * results[name]["accuracy"], 100 * results[name]["source"]["accuracy"])
+    clean, source_clean = results["clean"]["accuracy"], results["clean"]["source"]["accuracy"]
+    for result in results.values():
+        result["w_robust"] = (clean + result["accuracy"]) / 2.0
+        result["source"]["w_robust"] = (source_clean + result["source"]["accuracy"]) / 2.0
+
+    report = {"attacks": results, "epsilon": epsilon, "num_examples": n, "seed": int(seed),
+              "batch_size": int(batch_size), "per_image": PER_IMAGE_FILE, **(details or {})}
+    per_image = {**correct["deployed"], **{SOURCE_PREFIX + name: f for name, f in correct["source"].items()}}
+    write_report(output_dir, report, per_image, labels, format_deployed_markdown(report, title))
+    return report
+
+
+def format_deployed_markdown(report, title=None):
+    """The table of `evaluate_deployed`: Attack | Kind | Deployed (%) [95% CI] | Float source (%) [95% CI] | Time."""
+    eps = report["epsilon"]
+    lines = [f"# {title or 'Robustness of the deployed model'}", "",
+             f"L∞ ε = {eps * 255:.4g}/255 ({eps:.5f}), inputs in [0, 1], {report['num_examples']} test images "
+             f"(the first N), seed {report['seed']}.", ""]
+    deployed, source = report.get("deployed"), report.get("source")
+    if deployed:
+        text = f"Deployed: `{deployed['path']}`"
+        if deployed.get("quantization"):
+            text += f", {deployed['format']} {deployed['quantization']}"
+        if deployed.get("bytes"):
+            text += f", {deployed['bytes']} bytes"
+        if deployed.get("latency_ms") is not None:
+            text += (f", {deployed['latency_ms']:.3f} ms per image (median over {deployed['latency_images']} images, "
+                     f"batch 1, {deployed['threads']} threads)")
+        lines += [text + ".", ""]
+    if source:
+        lines += [f"Float source model: `{source['path']}`.", ""]
+    lines += ["| Attack | Kind | Deployed (%) | Float source (%) | Time deployed / source (s) |",
+              "|---|---|---:|---:|---:|"]
+    for name, r in report["attacks"].items():
+        display = DISPLAY_NAMES.get(name, name) + (f" ({r['queries']} queries)" if "queries" in r else "")
+        lines.append(f"| {display} | {r['kind']} | {format_accuracy(r['accuracy'], r.get('ci95'))} "
+                     f"| {format_accuracy(r['source']['accuracy'], r['source'].get('ci95'))} "
+                     f"| {r['seconds']:.1f} / {r['source']['seconds']:.1f} |")
+    lines += ["", "Accuracy [95% Wilson confidence interval over the test images]. transfer: adversarial images "
+              "crafted on the float source model with its gradients (white-box for it), then given to the deployed "
+              "model; direct: run against each model itself (Square needs only the logits). PGD-SAT = PGD-20, "
+              "20 steps of 2/255 from a uniform random start; APGD-CE: 100 iterations (images it does not break "
+              "on the source come back unchanged, as in AutoAttack). An image counts as robust only if the same "
+              "model also classifies it correctly clean. Per-image robust flags: "
+              f"{report.get('per_image', PER_IMAGE_FILE)} (the source's as {SOURCE_PREFIX}<attack>)."]
+    return "\n".join(lines) + "\n"

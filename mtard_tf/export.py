@@ -8,7 +8,12 @@ Layout (what TF Serving's file-system source watches)::
         1/                               # one SavedModel per positive integer version
           saved_model.pb  variables/  assets/  fingerprint.pb
           assets.extra/tf_serving_warmup_requests   # PredictionLog records (TFRecord)
+          assets.extra/model_card.json   # what the model is: training recipe, evaluation, source file's sha256
         2/ ...
+        3.tflite                         # a TensorFlow Lite export (mtard_tf.tflite); versions count across both
+
+A version number names one export, SavedModel or TFLite file, so `next_version` is the next number free for both.
+TF Serving reads only the numeric directories.
 
 Signatures (tag "serve"), H x W the model's input size:
 
@@ -61,6 +66,8 @@ IMAGE_BYTES_INPUT = "image_bytes"
 OUTPUT_KEYS = ("logits", "probabilities", "class_id", "class_name")
 MODELS_CONFIG = "models.config"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+MODEL_CARD_FILE = os.path.join("assets.extra", "model_card.json")
+TFLITE_SUFFIX = ".tflite"
 
 _RANGE_MESSAGE = "images must be pixel values in [0, 1] (8-bit pixels divided by 255)"
 _VERSION_RE = re.compile(r"^[0-9]+$")
@@ -77,21 +84,59 @@ def _numeric_versions(model_dir_for_name):
                   if _VERSION_RE.match(n) and os.path.isdir(os.path.join(model_dir_for_name, n)))
 
 
+def _used_versions(model_dir_for_name):
+    """The versions taken under a model's base path: SavedModel directories and `<version>.tflite` files."""
+    try:
+        names = os.listdir(model_dir_for_name)
+    except FileNotFoundError:
+        return []
+    tflite = [int(n[:-len(TFLITE_SUFFIX)]) for n in names
+              if n.endswith(TFLITE_SUFFIX) and _VERSION_RE.match(n[:-len(TFLITE_SUFFIX)])]
+    return sorted(set(_numeric_versions(model_dir_for_name)) | set(tflite))
+
+
 def next_version(model_dir_for_name: str) -> int:
-    """1 + the largest numeric version directory under `model_dir_for_name`, or 1 if there is none."""
-    versions = _numeric_versions(model_dir_for_name)
+    """1 + the largest version (SavedModel directory or .tflite file) under `model_dir_for_name`, or 1."""
+    versions = _used_versions(model_dir_for_name)
     return versions[-1] + 1 if versions else 1
 
 
-def _image_shape(model):
+def claim_version(export_dir, model_name, version=None):
+    """(the model's base directory, created if missing; the version to write): `version`, or the next free one.
+
+    Raises ExportError for a bad model name or version, or a version that exists already (in either format).
+    """
+    if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
+        raise ExportError(f"model_name must match {_MODEL_NAME_RE.pattern} (it is a directory and a URL part); "
+                         f"got {model_name!r}")
+    model_dir = os.path.abspath(os.path.join(export_dir, model_name))
+    os.makedirs(model_dir, exist_ok=True)
+    if version is None:
+        return model_dir, next_version(model_dir)
+    if isinstance(version, bool) or int(version) != version or version < 1:
+        raise ExportError(f"version must be a positive integer; got {version!r}")
+    version = int(version)
+    if version in _used_versions(model_dir):
+        raise ExportError(f"version {version} of model {model_name!r} already exists under {model_dir}; "
+                         f"not overwriting it (omit the version to use {next_version(model_dir)})")
+    return model_dir, version
+
+
+def images_input(height, width):
+    """The input contract of every export, as a model card states it."""
+    return {"name": IMAGES_INPUT, "dtype": "float32", "shape": [None, height, width, 3], "range": [0.0, 1.0]}
+
+
+def image_size(model):
+    """(H, W) of an image model's input [batch, H, W, 3]; ExportError for any other model."""
     try:
         shape = model.input_shape
     except (AttributeError, ValueError) as e:  # e.g. a subclassed model never built on a keras.Input
-        raise ExportError(f"export_model needs a model with a defined input shape (build it on a keras.Input): {e}")
+        raise ExportError(f"an export needs a model with a defined input shape (build it on a keras.Input): {e}")
     if not (isinstance(shape, tuple) and len(shape) == 4 and shape[3] == 3
             and isinstance(shape[1], int) and isinstance(shape[2], int)):
         raise ExportError(
-            f"export_model needs a single-input image model with input shape (batch, H, W, 3) and fixed H, W; "
+            f"an export needs a single-input image model with input shape (batch, H, W, 3) and fixed H, W; "
             f"got model.input_shape={shape!r}")
     return shape[1], shape[2]
 
@@ -166,7 +211,7 @@ def _write_warmup(path, model_name, height, width, examples):
 
 
 def export_model(model: keras.Model, export_dir: str, model_name: str, class_names: list,
-                 version: int = None, warmup_examples: int = 1) -> str:
+                 version: int = None, warmup_examples: int = 1, model_card: dict = None) -> str:
     """Export `model` to `export_dir/model_name/<version>/` and refresh `export_dir/models.config`.
 
     Args:
@@ -177,6 +222,9 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
       version: a positive integer; None takes `next_version`. An existing version is never overwritten.
       warmup_examples: images in each warm-up request (one request per signature) written to
         `assets.extra/tf_serving_warmup_requests`; 0 writes no warm-up file.
+      model_card: what to state about the model (training recipe, evaluation, source file); written with this
+        export's format, name, version, precision, input and outputs to `assets.extra/model_card.json`. None: no
+        card.
 
     Returns:
       The absolute path of the published version directory.
@@ -184,10 +232,7 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
     Raises:
       ExportError: bad model name, model shape, class names or version, or the version already exists.
     """
-    if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
-        raise ExportError(f"model_name must match {_MODEL_NAME_RE.pattern} (it is a directory and a URL part); "
-                         f"got {model_name!r}")
-    height, width = _image_shape(model)
+    height, width = image_size(model)
     class_names = [str(c) for c in class_names]
     try:
         output_shape = model.output_shape
@@ -199,17 +244,7 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
     if int(warmup_examples) < 0:
         raise ExportError(f"warmup_examples must be >= 0; got {warmup_examples}")
 
-    model_dir = os.path.abspath(os.path.join(export_dir, model_name))
-    os.makedirs(model_dir, exist_ok=True)
-    if version is None:
-        version = next_version(model_dir)
-    elif isinstance(version, bool) or int(version) != version or version < 1:
-        raise ExportError(f"version must be a positive integer; got {version!r}")
-    version = int(version)
-    if version in _numeric_versions(model_dir):
-        raise ExportError(f"version {version} of model {model_name!r} already exists under {model_dir}; "
-                         f"not overwriting it (omit the version to use {next_version(model_dir)})")
-
+    model_dir, version = claim_version(export_dir, model_name, version)
     final_dir = os.path.join(model_dir, str(version))
     tmp_dir = os.path.join(model_dir, f".tmp-{version}-{os.getpid()}")
     if os.path.lexists(tmp_dir):
@@ -227,6 +262,11 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
         archive.write_out(tmp_dir, verbose=False)
         if warmup_examples:
             _write_warmup(os.path.join(tmp_dir, WARMUP_FILE), model_name, height, width, int(warmup_examples))
+        if model_card is not None:
+            files.write_json(os.path.join(tmp_dir, MODEL_CARD_FILE), {
+                **model_card, "format": "savedmodel", "model_name": model_name, "version": version,
+                "precision": model.dtype_policy.name, "input": images_input(height, width),
+                "outputs": list(OUTPUT_KEYS), "signatures": [SERVING_DEFAULT, PREDICT_ENCODED]})
         files.fsync_tree(tmp_dir)
         if os.path.lexists(final_dir):  # another exporter published this version meanwhile
             raise ExportError(f"version directory {final_dir} appeared during the export; not overwriting it")

@@ -13,7 +13,10 @@ config.define_flags(FLAGS)
 flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
                   "evaluation, export, each skipped when its output exists; or one of those stages alone.")
 flags.DEFINE_enum("teacher", "clean", ["clean", "robust"], "Which teacher --mode=train_teacher trains.")
-flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on.")
+flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on; --mode=evaluate "
+                    "also takes a .tflite export (with --source_model: transfer attacks from the float student, "
+                    "Square directly against the TFLite interpreter; report in "
+                    "<model_dir>/eval/tflite/<model name>-<version>/).")
 flags.DEFINE_boolean("dry_run", False, "Print the run's resolved configuration (as <model_dir>/config.json would "
                      "hold it) and exit.")
 
@@ -36,6 +39,11 @@ def run_mode(mode, run_config, teacher=None, model=None):
         strategy = distribute.announce(distribute.make_strategy(run_config.runtime.strategy))
         path, _ = training.train_teacher(run_config, teacher, strategy)
         print(f"{teacher} teacher saved to {path}")
+    elif mode == "evaluate" and model.endswith(".tflite"):
+        model_name, version = os.path.basename(os.path.dirname(os.path.abspath(model))), os.path.basename(model)
+        output_dir = os.path.join(model_dir, "eval", "tflite", f"{model_name}-{os.path.splitext(version)[0]}")
+        pipeline.evaluate_tflite_stage(run_config, model, output_dir)
+        print(f"report: {os.path.join(output_dir, 'report.md')}")
     elif mode == "evaluate":
         output_dir = os.path.join(model_dir, "eval")
         pipeline.evaluate_stage(run_config, model, output_dir, reuse=False)

@@ -11,10 +11,12 @@ import time
 
 import tensorflow as tf
 
-from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, models, plot, teachers, training
+from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, methods, models, plot, teachers
+from mtard_tf import tflite, training
 from mtard_tf.distiller import BALANCES
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
+LATENCY_IMAGES = 200  # test images over which the median latency of a .tflite model is taken
 
 
 def file_sha256(path):
@@ -79,13 +81,18 @@ def _report_is_current(report_path, model_path, attacks, num_examples):
         num_examples is None or result.get("num_examples") == num_examples for result in wanted.values())
 
 
-def model_selection(model_path):
-    """The "selection" entry of the summary written beside a trained model (`student.json`), or None."""
+def model_summary(model_path):
+    """The summary written beside a trained model by its training (`student.json` for student.keras), or {}."""
     summary = os.path.splitext(model_path)[0] + ".json"
     if not os.path.exists(summary):
-        return None
+        return {}
     with open(summary) as f:
-        return json.load(f).get("selection")
+        return json.load(f)
+
+
+def model_selection(model_path):
+    """The "selection" entry of the summary written beside a trained model (`student.json`), or None."""
+    return model_summary(model_path).get("selection")
 
 
 def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
@@ -107,29 +114,138 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
         evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.attack.epsilon,
                             num_examples=settings.num_examples, batch_size=settings.batch_size,
                             seed=config.runtime.seed, output_dir=output_dir, summary_writer=writer,
-                            progress=bool(config.runtime.verbose), selection=model_selection(model_path))
+                            progress=bool(config.runtime.verbose), selection=model_selection(model_path),
+                            model_file={"path": os.path.abspath(model_path), "sha256": file_sha256(model_path)})
         writer.close()
     with open(report_path) as f:
         return json.load(f)
 
 
+def evaluate_tflite_stage(config, tflite_path, output_dir):
+    """The robustness of a .tflite model as it ships, beside the float Keras student it was converted from
+    (`config.eval.source_model`): evaluation.evaluate_deployed on the TFLite interpreter, with the file's size and
+    its latency (batch 1, median over the first LATENCY_IMAGES evaluation images). Returns the report."""
+    settings = config.eval
+    if not settings.source_model:
+        raise config_lib.ConfigError("evaluating a .tflite model needs --source_model=PATH.keras, the float Keras "
+                                     "student it was converted from (the transfer attacks are crafted on it)")
+    info = data.load_info(config.data.dataset, config.data.data_dir)
+    source = models.with_dtype_policy(teachers.load_model(settings.source_model, info.image_shape, info.num_classes,
+                                                          what="source model"))
+    deployed = tflite.TFLiteModel(tflite_path)
+    if (deployed.image_shape, deployed.num_classes) != (tuple(info.image_shape), info.num_classes):
+        raise tflite.TFLiteError(f"{tflite_path} maps images {deployed.image_shape} to {deployed.num_classes} "
+                                 f"logits, but the dataset has images {tuple(info.image_shape)} and "
+                                 f"{info.num_classes} classes")
+    source_sha256 = file_sha256(settings.source_model)
+    card = tflite.read_model_card(tflite_path) or {}
+    exported_from = card.get("source_model", {}).get("sha256")
+    if exported_from not in (None, source_sha256):
+        print(f"warning: {tflite_path} was exported from {card['source_model'].get('path')} (sha256 "
+              f"{exported_from[:12]}), not from --source_model={settings.source_model}: the float figures are "
+              "another model's")
+    dataset = data.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+                                settings.num_examples)
+    latency_images, _ = evaluation.take_examples(dataset, min(LATENCY_IMAGES,
+                                                              settings.num_examples or LATENCY_IMAGES))
+    details = {
+        "deployed": {"path": os.path.abspath(tflite_path), "sha256": file_sha256(tflite_path),
+                     "bytes": os.path.getsize(tflite_path), "format": "tflite",
+                     "quantization": card.get("quantization"), "threads": tflite.NUM_THREADS,
+                     "latency_ms": 1000 * deployed.latency(latency_images), "latency_images": len(latency_images)},
+        "source": {"path": os.path.abspath(settings.source_model), "sha256": source_sha256,
+                   "matches_model_card": None if exported_from is None else exported_from == source_sha256},
+    }
+    print(f"evaluation of {tflite_path} beside {settings.source_model}")
+    return evaluation.evaluate_deployed(deployed, source, dataset, epsilon=config.attack.epsilon,
+                                        num_examples=settings.num_examples, batch_size=settings.batch_size,
+                                        seed=config.runtime.seed, square_queries=settings.square_queries,
+                                        output_dir=output_dir, progress=bool(config.runtime.verbose),
+                                        details=details, title=f"Robustness of {os.path.basename(tflite_path)}")
+
+
+def training_recipe(config, summary):
+    """How the student was trained: from the configuration its training recorded in `summary` (student.json), else
+    from this run's configuration (<model_dir>/config.json, right only if this command was given the training's
+    flags: a --mode=export run writes its own)."""
+    recorded = summary.get("config")
+    recipe = recorded or config.to_dict()
+    teacher_kinds = methods.get_method(recipe["method"]).teachers
+    return {
+        "source": ("student.json (the training run's configuration)" if recorded else
+                   os.path.join(config.runtime.model_dir, "config.json") + " (this command's configuration)"),
+        "method": recipe["method"], "student": recipe["student"], "dataset": recipe["data"]["dataset"],
+        "epsilon": recipe["attack"]["epsilon"], "attack_steps": recipe["attack"]["steps"],
+        "epochs": recipe["schedule"]["epochs"], "seed": recipe["runtime"]["seed"],
+        "precision": recipe["runtime"]["precision"],
+        "teachers": {kind: {key: recipe[f"{kind}_teacher"][key] for key in ("file", "arch", "method", "epochs")}
+                     for kind in teacher_kinds},
+        "selection": summary.get("selection") or {"mode": recipe["selection"]["select"]},
+    }
+
+
+def evaluation_summary(report_path, model_path, model_sha256):
+    """Clean and AutoAttack accuracy (with the 95% CI and N) from the evaluation report of exactly this model file:
+    one that records its sha256, or an older report (without it) written after the file; else None."""
+    if not os.path.exists(report_path):
+        return None
+    with open(report_path) as f:
+        report = json.load(f)
+    evaluated = report.get("model", {}).get("sha256")
+    if evaluated is None:  # a report from before reports recorded the model's sha256
+        of_this_file = os.path.getmtime(report_path) >= os.path.getmtime(model_path)
+    else:
+        of_this_file = evaluated == model_sha256
+    if not of_this_file:
+        return None
+    return {"report": os.path.abspath(report_path), "sha256_checked": evaluated is not None,
+            "epsilon": report["epsilon"], "num_examples": report["num_examples"],
+            "attacks": {name: {key: result.get(key) for key in ("accuracy", "ci95", "num_correct", "num_examples")}
+                        for name, result in report["attacks"].items() if name in ("clean", "autoattack")}}
+
+
+def model_card(config, student_path, student_sha256, class_names):
+    """What an export states about itself (the exporter adds its format, version and interface): the student file
+    it was made from (path, sha256), the class names, the training recipe and the evaluation summary of that file
+    (from `<student dir>/eval/report.json`; null when there is none of this file)."""
+    return {
+        "source_model": {"path": os.path.abspath(student_path), "sha256": student_sha256},
+        "class_names": list(class_names),
+        "training": training_recipe(config, model_summary(student_path)),
+        "evaluation": evaluation_summary(os.path.join(os.path.dirname(student_path), "eval", "report.json"),
+                                         student_path, student_sha256),
+    }
+
+
 def export_stage(config, student_path, reuse=True):
-    """Exports the student for TF Serving (`config.export`), unless `reuse` and this very student file was exported
-    already."""
+    """Exports the student (`config.export`: a TF Serving SavedModel, or a .tflite file), with its model card,
+    unless `reuse` and this very student file was exported already in the same format."""
+    settings = config.export
     marker = os.path.join(config.runtime.model_dir, "export.json")
     digest = file_sha256(student_path)
+    wanted = {"student_sha256": digest, "format": settings.format, "quantize": settings.quantize}
     if reuse and os.path.exists(marker):
         with open(marker) as f:
             previous = json.load(f)
-        if previous.get("student_sha256") == digest and os.path.isdir(previous.get("path", "")):
+        previous = {"format": "savedmodel", "quantize": "none", **previous}  # markers from before --format
+        same = all(previous.get(key) == value for key, value in wanted.items())
+        if same and os.path.exists(previous.get("path", "")):
             print(f"export: using {previous['path']}")
             return previous["path"]
     info = data.load_info(config.data.dataset, config.data.data_dir)
     model = models.with_dtype_policy(teachers.load_model(student_path, info.image_shape, info.num_classes,
-                                                         what="model"), config.export.precision)
-    path = export.export_model(model, config.export.export_dir, config.export.model_name, list(info.class_names),
-                               version=config.export.version)
-    files.write_json(marker, {"student_sha256": digest, "path": path})
+                                                         what="model"), settings.precision)
+    card = model_card(config, student_path, digest, info.class_names)
+    if settings.format == "tflite":
+        representative = (data.first_train_images(config.data.dataset, config.data.data_dir,
+                                                  settings.representative_examples)
+                          if settings.quantize == "int8" else None)
+        path = tflite.export_tflite(model, settings.export_dir, settings.model_name, settings.quantize,
+                                    representative_images=representative, version=settings.version, model_card=card)
+    else:
+        path = export.export_model(model, settings.export_dir, settings.model_name, list(info.class_names),
+                                   version=settings.version, model_card=card)
+    files.write_json(marker, {**wanted, "path": path})
     print(f"export: {path}")
     return path
 
@@ -183,7 +299,7 @@ def run_all(config, strategy):
         lines.append(f"{name:<15} {_accuracy(report, 'clean')} {_accuracy(report, 'pgd_sat')} "
                      f"{_accuracy(report, 'autoattack')}  {path}")
     lines += [f"evaluation report: {os.path.join(eval_dir, 'report.md')}",
-              f"TF Serving export: {export_path}",
+              f"{'TFLite' if config.export.format == 'tflite' else 'TF Serving'} export: {export_path}",
               f"TensorBoard:       tensorboard --logdir {config.runtime.model_dir}",
               "wall time: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timed.seconds.items())]
     print("\n".join(lines))

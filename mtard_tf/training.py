@@ -57,7 +57,8 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
 
 def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, path, callbacks=(), **summary):
     """fit, then the trained model to `path` (.keras) and a summary to the .json beside it: the last validation
-    accuracies, the training wall time, the trainer's state and `summary`. Returns the fit history.
+    accuracies, the training wall time, the trainer's state, the run's configuration and `summary`. Returns the fit
+    history.
 
     On a multi-worker run every worker saves (into its writable_dir) and waits until all have: the chief's files are
     complete when this returns on any worker.
@@ -69,7 +70,8 @@ def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, p
     files.save_model(trainer.model, output)
     files.write_json(os.path.splitext(output)[0] + ".json",
                      {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
-                      "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()}})
+                      "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()},
+                      "config": config.to_dict()})
     distribute.barrier(strategy)
     return history
 
@@ -109,7 +111,8 @@ def train_student(config, strategy):
 
     Every method gets the same architecture, initialisation (seed), data order, optimizer, schedule (lr x decay at
     the milestones) and attack budget; it loads only the teachers it uses. `<model_dir>/student.json` holds the last
-    validation accuracies, the method and the training wall time.
+    validation accuracies, the method, the training wall time and the configuration (the recipe an export's model
+    card states: a later --mode=export rewrites <model_dir>/config.json with its own flags).
     """
     method = config.method
     model_dir = config.runtime.model_dir
@@ -145,6 +148,7 @@ def train_student(config, strategy):
         record = selection.record()
         files.write_json(os.path.splitext(path)[0] + ".json",
                          {"method": method, "train_seconds": last["train_seconds"], "state": last["state"],
+                          "config": last["config"],
                           "selection": {key: value for key, value in record.items() if key != "history"},
                           "selection_history": record["history"], "last": {"path": last_path, **final_metrics(history)}})
         with files.atomic_path(path) as temporary:  # the selected model's file as it is, not loaded and re-saved
