@@ -81,9 +81,14 @@ def _report_is_current(report_path, model_path, attacks, num_examples):
         num_examples is None or result.get("num_examples") == num_examples for result in wanted.values())
 
 
+def summary_path(model_path):
+    """Where a trained model's training writes its summary: `student.json` for student.keras."""
+    return os.path.splitext(model_path)[0] + ".json"
+
+
 def model_summary(model_path):
-    """The summary written beside a trained model by its training (`student.json` for student.keras), or {}."""
-    summary = os.path.splitext(model_path)[0] + ".json"
+    """The summary written beside a trained model by its training (`summary_path`), or {}."""
+    summary = summary_path(model_path)
     if not os.path.exists(summary):
         return {}
     with open(summary) as f:
@@ -164,16 +169,16 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
                                         details=details, title=f"Robustness of {os.path.basename(tflite_path)}")
 
 
-def training_recipe(config, summary):
-    """How the student was trained: from the configuration its training recorded in `summary` (student.json), else
-    from this run's configuration (<model_dir>/config.json, right only if this command was given the training's
-    flags: a --mode=export run writes its own)."""
-    recorded = summary.get("config")
-    recipe = recorded or config.to_dict()
+def training_recipe(summary, summary_path):
+    """How the student was trained, from the configuration its training recorded in `summary` (student.json at
+    `summary_path`). A student from before student.json recorded it has no recipe (None): the export command's own
+    flags need not be the training's, so they are not offered in its place."""
+    recipe = summary.get("config")
+    if recipe is None:
+        return None
     teacher_kinds = methods.get_method(recipe["method"]).teachers
     return {
-        "source": ("student.json (the training run's configuration)" if recorded else
-                   os.path.join(config.runtime.model_dir, "config.json") + " (this command's configuration)"),
+        "source": f"{summary_path} (the training run's configuration)",
         "method": recipe["method"], "student": recipe["student"], "dataset": recipe["data"]["dataset"],
         "epsilon": recipe["attack"]["epsilon"], "attack_steps": recipe["attack"]["steps"],
         "epochs": recipe["schedule"]["epochs"], "seed": recipe["runtime"]["seed"],
@@ -204,14 +209,14 @@ def evaluation_summary(report_path, model_path, model_sha256):
                         for name, result in report["attacks"].items() if name in ("clean", "autoattack")}}
 
 
-def model_card(config, student_path, student_sha256, class_names):
+def model_card(student_path, student_sha256, class_names):
     """What an export states about itself (the exporter adds its format, version and interface): the student file
     it was made from (path, sha256), the class names, the training recipe and the evaluation summary of that file
     (from `<student dir>/eval/report.json`; null when there is none of this file)."""
     return {
         "source_model": {"path": os.path.abspath(student_path), "sha256": student_sha256},
         "class_names": list(class_names),
-        "training": training_recipe(config, model_summary(student_path)),
+        "training": training_recipe(model_summary(student_path), summary_path(student_path)),
         "evaluation": evaluation_summary(os.path.join(os.path.dirname(student_path), "eval", "report.json"),
                                          student_path, student_sha256),
     }
@@ -235,7 +240,7 @@ def export_stage(config, student_path, reuse=True):
     info = data.load_info(config.data.dataset, config.data.data_dir)
     model = models.with_dtype_policy(teachers.load_model(student_path, info.image_shape, info.num_classes,
                                                          what="model"), settings.precision)
-    card = model_card(config, student_path, digest, info.class_names)
+    card = model_card(student_path, digest, info.class_names)
     if settings.format == "tflite":
         representative = (data.first_train_images(config.data.dataset, config.data.data_dir,
                                                   settings.representative_examples)

@@ -3,6 +3,7 @@ a .tflite file (transfer and direct attacks, beside the float model)."""
 
 import json
 import os
+import pathlib
 
 import keras
 import numpy as np
@@ -132,7 +133,7 @@ def check_card(card, student):
     assert card["source_model"] == {"path": student, "sha256": pipeline.file_sha256(student)}
     assert len(card["class_names"]) == NUM_CLASSES
     training = card["training"]
-    assert training["source"].startswith("student.json")
+    assert training["source"] == str(pathlib.Path(student).with_suffix(".json")) + " (the training run's configuration)"
     assert (training["method"], training["epochs"], training["seed"]) == ("rslad", 7, 3)
     assert training["teachers"] == {"robust": {"file": "/teachers/robust.keras", "arch": "wrn34_10",
                                                "method": "trades", "epochs": 100}}
@@ -162,7 +163,7 @@ def test_both_formats_carry_the_model_card(student_run):
     # An evaluation report of another file is not quoted.
     report = os.path.join(os.path.dirname(student), "eval", "report.json")
     files.write_json(report, {**json.load(open(report)), "model": {"sha256": "another file"}})
-    assert pipeline.model_card(config, student, pipeline.file_sha256(student), ["a"])["evaluation"] is None
+    assert pipeline.model_card(student, pipeline.file_sha256(student), ["a"])["evaluation"] is None
 
 
 def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_path):
@@ -201,3 +202,11 @@ def test_missing_source_model_is_one_error_line(mock_metadata_dir, tmp_path):
     assert errors == ["error: evaluating a .tflite model needs --source_model=PATH.keras, the float Keras student it "
                       "was converted from (the transfer attacks are crafted on it)"]
     assert "Traceback" not in result.stderr
+
+
+def test_a_student_whose_training_recorded_no_configuration_has_no_recipe_in_its_card(student_run):
+    """The export command's flags are not the training's: nothing is guessed from them."""
+    config, student = student_run
+    files.write_json(pipeline.summary_path(student), {"method": "rslad", "selection": {"mode": "last", "epoch": 7}})
+    card = pipeline.model_card(student, pipeline.file_sha256(student), ["class"] * NUM_CLASSES)
+    assert card["training"] is None and card["evaluation"]["num_examples"] == 16
