@@ -554,6 +554,8 @@ def plot_tradeoff(comparison, path):
     for (x, y), names in labels.items():
         axes.annotate(", ".join(names), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axes.margins(x=0.25, y=0.1)
+    low, high = axes.get_xlim()
+    axes.set_xlim(left=max(low, -0.02 * high))  # room for the labels, not for negative accuracies
     axes.set_xlabel(f"{DISPLAY_NAMES.get(attack, attack)} accuracy (%)")
     axes.set_ylabel("Clean accuracy (%)")
     several = len(comparison.get("seeds") or ()) > 1
