@@ -57,7 +57,12 @@ class DataConfig:
     data_dir: str | None = option(None, "tensorflow-datasets data directory (default: tfds' own, "
                                         "~/tensorflow_datasets).")
     download: bool = option(True, "Download and prepare the dataset into --data_dir on first use; --nodownload "
-                                  "fails at once when it is not there (offline use).")
+                                  "fails at once when it is not there (offline use). A dataset built from files "
+                                  "downloaded by hand (--manual_dir) is built either way.")
+    manual_dir: str | None = option(None, "Files of a dataset that tfds cannot download itself, from which it is "
+                                          "built into --data_dir on first use: for tiny_imagenet the unzipped "
+                                          "tiny-imagenet-200/ folder, or the folder holding it (default: tfds' "
+                                          "<data_dir>/downloads/manual/).")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,15 +5,23 @@ Shapes, class counts and class names come from the dataset's own info. The train
 fresh permutation every epoch e), augmented (pad 4, random crop back to the image size, random horizontal flip)
 with stateless random ops seeded by (seed, p). So a run resumed at step s sees exactly the batches an uninterrupted
 run sees, whatever the parallelism of the map, and resuming costs nothing. The train split is held in memory as
-uint8 (150 MB for CIFAR); tf.data's stateful shuffle was not used because its order depended on process state.
+uint8 (150 MB for CIFAR, 1.2 GB for Tiny-ImageNet); tf.data's stateful shuffle was not used because its order
+depended on process state.
 (Keras' RandomCrop/RandomFlip layers draw from a stateful seed generator, which a parallel tf.data map consumes in
 a nondeterministic order, and RandomCrop uses one offset per batch; hence tf.image's stateless ops.)
+
+Evaluation uses the dataset's test split, or its validation split where it has none (Tiny-ImageNet, whose test
+images carry no labels). Datasets built from files the user downloads (tfds' manual datasets, e.g. `tiny_imagenet`,
+registered by importing mtard_tf.tiny_imagenet) are built from the manual directory on first use.
 """
 
 import dataclasses
+import os
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from mtard_tf import tiny_imagenet  # noqa: F401 - registers the tfds dataset `tiny_imagenet`
 from mtard_tf.errors import UserError
 
 
@@ -47,12 +55,17 @@ def _unavailable(name, data_dir):
         f"machine with internet access (or copy a prepared tfds directory) and pass --data_dir=DIR")
 
 
-def prepare(name, data_dir=None, download=True):
+def prepare(name, data_dir=None, download=True, manual_dir=None):
     """Makes sure the dataset is prepared in `data_dir` (tfds' default directory if None): on first use, with
     `download`, tensorflow-datasets downloads and prepares it there; a failed download or `download=False` on a
-    dataset that is not there is a DataUnavailableError of one line."""
+    dataset that is not there is a DataUnavailableError of one line. A manual dataset (one built from files the user
+    downloads, e.g. tiny_imagenet) is built from `manual_dir` (tfds' default: <data_dir>/downloads/manual/) whatever
+    `download` says, since building it needs no network."""
     builder = _builder(name, data_dir)
     if "train" in builder.info.splits:
+        return
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        _build_from_manual_dir(builder, manual_dir)
         return
     if not download:
         raise _unavailable(name, data_dir)
@@ -64,6 +77,17 @@ def prepare(name, data_dir=None, download=True):
         raise DataUnavailableError(
             f"dataset '{name}' could not be downloaded ({type(error).__name__}: {reason}); without internet access, "
             f"prepare it with `tfds build {name} --data_dir=DIR` elsewhere and pass --data_dir=DIR") from error
+
+
+def _build_from_manual_dir(builder, manual_dir):
+    """builder.download_and_prepare from `manual_dir`, by default tfds' <data_dir>/downloads/manual/."""
+    manual_dir = manual_dir or os.path.join(builder.data_dir_root, "downloads", "manual")
+    if not os.path.isdir(manual_dir) or not os.listdir(manual_dir):
+        instructions = " ".join(builder.MANUAL_DOWNLOAD_INSTRUCTIONS.split())
+        raise DataUnavailableError(f"dataset '{builder.name}' is built from files downloaded by hand, and the manual "
+                                   f"directory {manual_dir} does not exist or is empty: {instructions}")
+    print(f"dataset '{builder.name}': first use, building it in {builder.data_dir} from {manual_dir}", flush=True)
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
 
 def load_info(name, data_dir=None):
@@ -80,7 +104,10 @@ def load_info(name, data_dir=None):
     label = info.features[label_key]
     if None in image_shape or not hasattr(label, "num_classes"):
         raise DataUnavailableError(f"dataset '{name}' is not a fixed-size image classification dataset")
-    test_split = "test" if "test" in info.splits else "validation"
+    test_split = next((split for split in ("test", "validation") if split in info.splits), None)
+    if test_split is None:
+        raise DataUnavailableError(f"dataset '{name}' has no test or validation split to evaluate on (its splits: "
+                                   f"{', '.join(sorted(info.splits))})")
     return DatasetInfo(name=name, num_classes=int(label.num_classes), image_shape=image_shape,
                        class_names=tuple(label.names), num_train=int(info.splits["train"].num_examples),
                        num_test=int(info.splits[test_split].num_examples), test_split=test_split)

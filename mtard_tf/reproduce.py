@@ -67,7 +67,7 @@ REFERENCE_EPOCHS = 300
 # Flags a recipe may not set: reproduce sets them for every method alike, or they configure the teachers, which all
 # methods share (trained once with the run's flags).
 NOT_IN_RECIPES = {
-    **{name: "the data" for name in ("dataset", "data_dir", "download")},
+    **{name: "the data" for name in ("dataset", "data_dir", "download", "manual_dir")},
     "model_dir": "the output directories", "seed": "the seeds", "method": "the method",
     "student": "the student architecture",
     **{option.name: "the teachers" for option in config_lib.options() if option.path[0].endswith("_teacher")},

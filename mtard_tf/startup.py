@@ -89,7 +89,7 @@ def run_command(make_config, body, verbose=False, dry_run=False):
             files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")
         except OSError as error:
             raise UserError(f"cannot write to --model_dir={model_dir}: {error.strerror or error}") from error
-        data.prepare(config.data.dataset, config.data.data_dir, config.data.download)
+        data.prepare(config.data.dataset, config.data.data_dir, config.data.download, config.data.manual_dir)
         body(config)
     except UserError as error:
         logging.debug("error", exc_info=True)

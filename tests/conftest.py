@@ -69,13 +69,14 @@ def tiny_model(name, num_classes=10, input_shape=(32, 32, 3), width=4, synchroni
     return keras.Model(inputs, keras.layers.Dense(num_classes)(hidden), name=name)
 
 
-def write_teacher_files(directory):
-    """Two tiny random-init .keras teachers for 10 classes in `directory`: (clean, robust) paths."""
+def write_teacher_files(directory, num_classes=10, input_shape=(32, 32, 3)):
+    """Two tiny random-init .keras teachers (10 classes of 32x32 images unless told) in `directory`: (clean, robust)
+    paths."""
     keras.utils.set_random_seed(1)
     paths = []
     for name in ("clean_teacher", "robust_teacher"):
         path = os.path.join(str(directory), f"{name}.keras")
-        tiny_model(name).save(path)
+        tiny_model(name, num_classes, input_shape).save(path)
         paths.append(path)
     return tuple(paths)
 
