@@ -60,8 +60,12 @@ def prepare(name, data_dir=None, download=True, manual_dir=None):
     `download`, tensorflow-datasets downloads and prepares it there; a failed download or `download=False` on a
     dataset that is not there is a DataUnavailableError of one line. A manual dataset (one built from files the user
     downloads, e.g. tiny_imagenet) is built from `manual_dir` (tfds' default: <data_dir>/downloads/manual/) whatever
-    `download` says, since building it needs no network."""
+    `download` says, since building it needs no network; `manual_dir` given for any other dataset is a UserError.
+    """
     builder = _builder(name, data_dir)
+    if manual_dir and not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+        raise UserError(f"--manual_dir applies to a dataset built from files downloaded by hand (tiny_imagenet); "
+                        f"tensorflow-datasets gets '{name}' itself")
     if "train" in builder.info.splits:
         return
     if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:

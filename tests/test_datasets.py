@@ -125,6 +125,13 @@ def test_a_missing_manual_directory_says_how_to_provide_the_folder(tmp_path):
     assert "tiny-imagenet-200.zip" in message and "--manual_dir" in message
 
 
+def test_a_manual_directory_for_a_dataset_tfds_downloads_itself_is_an_error(tmp_path):
+    write_mock_metadata(str(tmp_path), "svhn_cropped", 64, 32)
+    with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path)):
+        with pytest.raises(UserError, match="--manual_dir applies to .* tensorflow-datasets gets 'svhn_cropped'"):
+            data.prepare("svhn_cropped", None, download=False, manual_dir=str(tmp_path))
+
+
 def main_command(*flags):
     """`python -m mtard_tf.main *flags` as users run it (real tfds, no mock data)."""
     return subprocess.run([sys.executable, "-m", "mtard_tf.main", *flags], cwd=ROOT, capture_output=True, text=True,
