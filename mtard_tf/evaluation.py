@@ -557,7 +557,8 @@ def format_deployed_markdown(report, title=None):
     if deployed:
         text = f"Deployed: `{deployed['path']}`"
         if deployed.get("quantization"):
-            text += f", {deployed['format']} {deployed['quantization']}"
+            quantization = deployed["quantization"]
+            text += f", {deployed['format']} " + ("float32" if quantization == "none" else quantization)
         if deployed.get("bytes"):
             text += f", {deployed['bytes']} bytes"
         if deployed.get("latency_ms") is not None:
