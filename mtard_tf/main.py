@@ -58,7 +58,8 @@ def main(argv):
     mode, teacher, model = FLAGS.mode, FLAGS.teacher, FLAGS.model
     return startup.run_command(lambda: config.from_flags(FLAGS),
                                lambda run_config: run_mode(mode, run_config, teacher, model),
-                               verbose=FLAGS["verbosity"].present, dry_run=FLAGS.dry_run)
+                               verbose=FLAGS["verbosity"].present, dry_run=FLAGS.dry_run,
+                               trains=mode not in ("evaluate", "export"))
 
 
 def run():

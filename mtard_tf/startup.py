@@ -51,10 +51,10 @@ def start_tensorflow(verbose=False):
     return tf
 
 
-def run_command(make_config, body, verbose=False, dry_run=False):
+def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
     """The common frame of a training command: config = make_config() (the entry point's flags), printed alone with
     `dry_run`; else TensorFlow started quietly, the CPU split into `config.runtime.cpu_replicas` devices, the dtype
-    policy set (before any model is built), the configuration written to `<model_dir>/config.json`, the dataset
+    policy set (before any model is built; what `auto` chose is said when the command `trains`), the configuration written to `<model_dir>/config.json`, the dataset
     prepared, then body(config). A UserError is one `error:` line and exit status 1; anything else is a defect and
     keeps its traceback. Returns the exit status."""
     from absl import logging
@@ -79,7 +79,8 @@ def run_command(make_config, body, verbose=False, dry_run=False):
     distribute.set_cpu_replicas(config.runtime.cpu_replicas)
     precision, reason = distribute.resolve_precision(config.runtime.precision)
     if precision != config.runtime.precision:
-        print(f"precision: {precision} ({reason})")
+        if trains:  # evaluation and export compute in float32 whatever this says
+            print(f"precision: {precision} ({reason})")
         config = config_lib.replace(config, precision=precision)  # config.json records what the run used
     keras.mixed_precision.set_global_policy(precision)
     try:
