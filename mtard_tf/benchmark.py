@@ -21,6 +21,12 @@ FLOPs of one step, from the models' forward FLOPs per image F (counted once by T
 K attack steps cost a forward and an input-gradient backward each (~2F); the two training passes (on x and x') a
 forward and a full backward each (~3F); the teachers one forward each. Data are synthetic and already on the device,
 so the figure is the step's, not the input pipeline's (--pipeline_batches measures that one alone).
+
+With --pipeline_batches=N, the real training stream (mtard_tf.data.train_dataset) is timed alone over N batches after
+the step measurements, once for each of --pipeline_sources (memory: the split held as uint8 tensors; disk: examples
+read by index from its ArrayRecord files), each a JSON line with `input_pipeline_images_per_s` and, beside it, the
+fastest step measured in the run (`step_images_per_s`) and their ratio `pipeline_over_step`: how many times what the
+step consumes the stream delivers, when the two do not compete for the CPU.
 """
 
 import dataclasses
@@ -49,6 +55,10 @@ flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measur
 flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), alternating "
                   "with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.")
 flags.DEFINE_integer("pipeline_batches", 0, "If > 0, also time this many batches of the real input pipeline.")
+flags.DEFINE_list("pipeline_sources", ["memory"], "Train sources of the input-pipeline measurement (memory, disk: "
+                  "see --train_source of mtard_tf.main), one JSON line each.")
+flags.register_validator("pipeline_sources", lambda sources: {s.strip() for s in sources} <= {"memory", "disk"},
+                         "--pipeline_sources must be a list of memory, disk")
 flags.DEFINE_string("dataset", "cifar10", "Dataset of the input-pipeline measurement.")
 flags.DEFINE_string("data_dir", None, "tfds data directory of the input-pipeline measurement.")
 
@@ -254,11 +264,19 @@ def measure(setup, jit_compile, strategy, matmul_rates):
     return record
 
 
-def pipeline_images_per_second(dataset, data_dir, batch_size, batches):
+def pipeline_images_per_second(dataset, data_dir, batch_size, batches, source="memory", warmup=5):
+    """Images/s of the training stream read from `source`, over `batches` batches after `warmup` (which start the
+    parallel map and fill its buffers). The stream is iterated to the end of a finite slice of it, so no tf.data
+    thread is still reading (by a Python function, for disk) when the process exits."""
     from mtard_tf import data
-    iterator = iter(data.train_dataset(dataset, data_dir, batch_size))
-    next(iterator)
-    return batch_size * batches / _timed(lambda: [next(iterator) for _ in range(batches)])
+    stream = data.train_dataset(dataset, data_dir, batch_size, source=source).take(warmup + batches)
+    iterator = iter(stream)
+    for _ in range(warmup):
+        next(iterator)
+    seconds = _timed(lambda: [next(iterator) for _ in range(batches)])
+    for _ in iterator:
+        pass
+    return batch_size * batches / seconds
 
 
 def import_torch_passively_waiting():
@@ -298,16 +316,29 @@ def main(argv):
     compute_dtype = keras.mixed_precision.global_policy().compute_dtype
     if compute_dtype not in matmul_rates:
         matmul_rates[compute_dtype] = matmul_flops_per_second(FLAGS.matmul_size, compute_dtype)
+    step_rates = []
     for value in FLAGS.jit_compile:
         jit_compile = value.strip().lower() in ("1", "true", "yes")
         if jit_compile and strategy.num_replicas_in_sync > 1:
             print(json.dumps({"config": {"jit_compile": True, "replicas": strategy.num_replicas_in_sync},
                               "skipped": "XLA does not work under MirroredStrategy with several replicas"}))
             continue
-        print(json.dumps(measure(setup, jit_compile, strategy, matmul_rates)), flush=True)
-    if FLAGS.pipeline_batches:
-        rate = pipeline_images_per_second(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size, FLAGS.pipeline_batches)
-        print(json.dumps({"input_pipeline_images_per_s": round(rate, 1), "batch_size": FLAGS.batch_size}))
+        record = measure(setup, jit_compile, strategy, matmul_rates)
+        step_rates.append(record["images_per_s"])
+        print(json.dumps(record), flush=True)
+    from mtard_tf.errors import UserError
+    for source in FLAGS.pipeline_sources if FLAGS.pipeline_batches else ():
+        try:
+            rate = pipeline_images_per_second(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size,
+                                              FLAGS.pipeline_batches, source.strip())
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        record = {"input_pipeline_images_per_s": round(rate, 1), "train_source": source.strip(),
+                  "batch_size": FLAGS.batch_size}
+        if step_rates:
+            record.update(step_images_per_s=max(step_rates), pipeline_over_step=round(rate / max(step_rates), 1))
+        print(json.dumps(record), flush=True)
     return 0
 
 

@@ -4,25 +4,41 @@ Shapes, class counts and class names come from the dataset's own info. The train
 (seed, position): position p = e * N + i of the stream is example index_shuffle(i, (seed, e)) of the train split (a
 fresh permutation every epoch e), augmented (pad 4, random crop back to the image size, random horizontal flip)
 with stateless random ops seeded by (seed, p). So a run resumed at step s sees exactly the batches an uninterrupted
-run sees, whatever the parallelism of the map, and resuming costs nothing. The train split is held in memory as
-uint8 (150 MB for CIFAR, 1.2 GB for Tiny-ImageNet); tf.data's stateful shuffle was not used because its order
-depended on process state.
+run sees, whatever the parallelism of the map, and resuming costs nothing. tf.data's stateful shuffle was not used
+because its order depended on process state.
 (Keras' RandomCrop/RandomFlip layers draw from a stateful seed generator, which a parallel tf.data map consumes in
 a nondeterministic order, and RandomCrop uses one offset per batch; hence tf.image's stateless ops.)
+
+The stream reads the train split from one of two sources, which give identical batches (the same permutation picks the
+same example, decoded to the same uint8 pixels): `memory` holds the whole split as a uint8 tensor (150 MB for CIFAR,
+1.2 GB for Tiny-ImageNet); `disk`, for splits larger than memory, reads the examples of each chunk of permuted
+indices from the dataset's ArrayRecord files (the random-access files of tfds' `data_source`) and decodes them in the
+tf.data map. `add_array_record` writes those files beside a prepared dataset's tfrecord files.
 
 Evaluation uses the dataset's test split, or its validation split where it has none (Tiny-ImageNet, whose test
 images carry no labels). Datasets built from files the user downloads (tfds' manual datasets, e.g. `tiny_imagenet`,
 registered by importing mtard_tf.tiny_imagenet) are built from the manual directory on first use.
 """
 
+import atexit
+import contextlib
 import dataclasses
+import math
 import os
+import threading
+import time
 
+import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from array_record.python import array_record_module
+from tensorflow_datasets.core import file_adapters
 
 from mtard_tf import tiny_imagenet  # noqa: F401 - registers the tfds dataset `tiny_imagenet`
 from mtard_tf.errors import UserError
+
+TRAIN_SOURCES = ("memory", "disk")  # where train_dataset reads the split; config's --train_source adds "auto"
+ARRAY_RECORD = file_adapters.FileFormat.ARRAY_RECORD
 
 
 class DataUnavailableError(UserError, RuntimeError):
@@ -117,11 +133,25 @@ def load_info(name, data_dir=None):
                        num_test=int(info.splits[test_split].num_examples), test_split=test_split)
 
 
+def _add_array_record_command(name, data_dir):
+    return f"python -m mtard_tf.add_array_record --dataset={name}" + (f" --data_dir={data_dir}" if data_dir else "")
+
+
+def _without_tf_data_files(name, data_dir):
+    builder = _builder(name, data_dir)
+    return DataUnavailableError(
+        f"dataset '{name}' in {builder.data_dir} has no tfrecord files, which tf.data reads (the test split, the "
+        f"in-memory train split): prepare it in tfds' default format, then add the ArrayRecord files with "
+        f"`{_add_array_record_command(name, data_dir)}`")
+
+
 def _load_split(name, split, data_dir):
     try:
         return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, download=False)
     except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as error:
         raise _unavailable(name, data_dir) from error
+    except NotImplementedError as error:  # tfds: "`.as_dataset()` not implemented for ArrayRecord files"
+        raise _without_tf_data_files(name, data_dir) from error
 
 
 def to_float(image, label):
@@ -147,41 +177,220 @@ def _train_arrays(name, data_dir):
                                    batch_size=-1)
     except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as error:
         raise _unavailable(name, data_dir) from error
+    except NotImplementedError as error:
+        raise _without_tf_data_files(name, data_dir) from error
     return images, labels
 
 
-def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0, holdout=0):
+def train_split_bytes(info):
+    """Bytes of the whole train split held in memory as uint8 pixels (what the `memory` source takes)."""
+    return info.num_train * math.prod(info.image_shape)
+
+
+def train_source(name, data_dir, choice, in_memory_limit_gb):
+    """Where the train stream reads the split from: "memory" or "disk" (see the module doc).
+
+    `choice` "auto" is disk when the split takes more than `in_memory_limit_gb` (10^9 bytes) as uint8, else memory;
+    "memory" and "disk" force one. Disk needs the dataset's ArrayRecord files: without them it is a
+    DataUnavailableError of one line naming the command that adds them, never a fall back to memory.
+    """
+    if choice not in ("auto", *TRAIN_SOURCES):
+        raise ValueError(f"unknown train source '{choice}', expected auto, memory or disk")
+    if choice == "memory":
+        return "memory"
+    size = train_split_bytes(load_info(name, data_dir))
+    if choice == "auto" and size <= in_memory_limit_gb * 1e9:
+        return "memory"
+    why = ("with --train_source=disk" if choice == "disk" else
+           f"because its train split takes {size / 1e9:.3g} GB as uint8, above --in_memory_limit_gb="
+           f"{in_memory_limit_gb:g} (or force --train_source=memory)")
+    _train_records(name, data_dir, why)
+    return "disk"
+
+
+def _prepared_files(name, data_dir):
+    """The prepared dataset's builder as its files describe it (tfds.builder_from_directory). A builder made from
+    the dataset's code (a registered dataset such as cifar10) does not see the formats added in its
+    dataset_info.json's alternativeFileFormats (tfds 4.9.10: DatasetInfo.read_from_directory restores the proto
+    field but not the list that available_file_formats reads)."""
+    builder = _builder(name, data_dir)
+    if "train" not in builder.info.splits:
+        raise _unavailable(name, data_dir)
+    return tfds.builder_from_directory(builder.data_dir)
+
+
+def _train_records(name, data_dir, why="with --train_source=disk"):
+    """(the dataset's tfds info, its train split's ArrayRecordSplit)."""
+    builder = _prepared_files(name, data_dir)
+    if ARRAY_RECORD not in builder.info.available_file_formats():
+        raise DataUnavailableError(
+            f"dataset '{name}' in {builder.data_dir} has no ArrayRecord files, which the train split is read from "
+            f"{why}: add them with `{_add_array_record_command(name, data_dir)}`")
+    return builder.info, ArrayRecordSplit(builder.info.splits["train"])
+
+
+class _ReadsAtExit:
+    """Holds the interpreter's exit until tf.data's threads have stopped calling ArrayRecordSplit.read.
+
+    A disk stream whose iterator is still alive when the process exits goes on filling its buffers from TensorFlow's
+    threads; a thread that enters Python (the read's numpy_function) while the interpreter finalizes is ended by
+    Python in the middle of C++ code, which aborts the process ("terminate called without an active exception",
+    status 134; tests/test_data_sources.py). With no consumer the buffers fill within milliseconds, so waiting at exit
+    until no read has run for `quiet` seconds (at most `limit`) lets the process end normally."""
+
+    def __init__(self, quiet=0.25, limit=10.0):
+        self.quiet, self.limit = quiet, limit
+        self.lock = threading.Lock()
+        self.active, self.last = 0, 0.0
+        self.registered = False
+
+    def register(self):
+        with self.lock:
+            if not self.registered:
+                atexit.register(self.wait)
+                self.registered = True
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self.lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.active -= 1
+                self.last = time.monotonic()
+
+    def wait(self):
+        deadline = time.monotonic() + self.limit
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.active and time.monotonic() - self.last > self.quiet:
+                    return
+            time.sleep(self.quiet / 5)
+
+
+_READS = _ReadsAtExit()
+
+
+class ArrayRecordSplit:
+    """The serialized examples of a prepared split by index, from its ArrayRecord shards (the files tfds'
+    `data_source` reads). A read of many indices is one call per shard of array_record's thread-safe reader;
+    tfds' own batched read (`data_source.__getitems__`) runs each in a Python thread pool, which refuses work once
+    the interpreter starts exiting, and one by one it reads about 10 times fewer examples per second (CIFAR-10
+    here)."""
+
+    def __init__(self, split):
+        template = split.filename_template.replace(filetype_suffix=ARRAY_RECORD.value)
+        self.paths = [os.fspath(path) for path in template.sharded_filepaths(split.num_shards)]
+        self.ends = np.cumsum(split.shard_lengths)
+        self.readers = [None] * len(self.paths)  # opened on first use: a split may have thousands of shards
+        self.lock = threading.Lock()
+        _READS.register()
+
+    def __len__(self):
+        return int(self.ends[-1])
+
+    def reader(self, shard):
+        with self.lock:
+            if self.readers[shard] is None:
+                self.readers[shard] = array_record_module.ArrayRecordReader(
+                    self.paths[shard], options="readahead_buffer_size:0", file_reader_buffer_size=32768)
+            return self.readers[shard]
+
+    def read(self, indices):
+        """The serialized examples at `indices` (int numpy array), in that order: a numpy array of bytes."""
+        indices = np.asarray(indices, np.int64)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"indices outside [0, {len(self)})")
+        shards = np.searchsorted(self.ends, indices, side="right")
+        records = np.empty(indices.shape, dtype=object)
+        with _READS.reading():
+            for shard in np.unique(shards):
+                where = shards == shard
+                start = self.ends[shard - 1] if shard else 0
+                records[where] = self.reader(shard).read((indices[where] - start).tolist())
+        return records
+
+
+def _read_by_index(keyed_indices, info, records, chunk):
+    """(key, index) elements -> (key, uint8 image, label) of example `index` of the train split (`records`, an
+    ArrayRecordSplit): the serialized examples of each chunk of indices are read in one numpy_function call, then
+    each is decoded in the parallel tf.data map."""
+    image_key, label_key = info.supervised_keys[:2]
+
+    def read(keys, indices):
+        serialized = tf.numpy_function(records.read, [indices], tf.string, name="read_train_examples")
+        return keys, tf.reshape(serialized, tf.shape(indices))
+
+    def decode(key, serialized):
+        example = info.features.deserialize_example(serialized)
+        return key, example[image_key], example[label_key]
+
+    dataset = keyed_indices.batch(chunk).map(read, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _check_source(source):
+    if source not in TRAIN_SOURCES:
+        raise ValueError(f"unknown train source '{source}', expected one of {', '.join(TRAIN_SOURCES)}")
+
+
+def train_dataset(name, data_dir, batch_size, seed=0, augment=True, start_step=0, holdout=0, source="memory"):
     """Endless, shuffled, augmented batches of the train split, starting at batch `start_step` of the stream.
 
-    Batches are full (drop_remainder), and batch k is the same for any `start_step` <= k (see the module doc). The
-    last `holdout` examples of the split are left out (they are `holdout_dataset`'s).
+    Batches are full (drop_remainder), and batch k is the same for any `start_step` <= k and either `source`
+    (see the module doc; `train_source` resolves --train_source). The last `holdout` examples of the split are left
+    out (they are `holdout_dataset`'s).
     """
-    images, labels = _train_arrays(name, data_dir)
-    num_examples = int(labels.shape[0]) - int(holdout)
+    _check_source(source)
+    if source == "memory":
+        images, labels = _train_arrays(name, data_dir)
+        num_split = int(labels.shape[0])
+    else:
+        info, records = _train_records(name, data_dir)
+        num_split = len(records)
+    num_examples = num_split - int(holdout)
     if num_examples < batch_size:
         raise DataUnavailableError(f"dataset '{name}' keeps {num_examples} train examples after a holdout of "
                                    f"{holdout}: fewer than one batch of {batch_size}")
-    images, labels = images[:num_examples], labels[:num_examples]
+    seed = tf.cast(seed, tf.int64)
 
-    def example(position):
+    def index_of(position):
         epoch, offset = position // num_examples, position % num_examples
-        index = tf.random.experimental.index_shuffle(
-            offset, tf.stack([tf.cast(seed, tf.int64), epoch]), num_examples - 1)
-        image, label = to_float(tf.gather(images, index), tf.gather(labels, index))
+        return tf.random.experimental.index_shuffle(offset, tf.stack([seed, epoch]), num_examples - 1)
+
+    def example(position, image, label):
+        image, label = to_float(image, label)
         if augment:
-            image = augment_image(image, tf.stack([tf.cast(seed, tf.int64), position]))
+            image = augment_image(image, tf.stack([seed, position]))
         return image, label
 
-    dataset = tf.data.Dataset.range(start_step * batch_size, tf.int64.max)
-    dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
+    def gathered(position):
+        index = index_of(position)
+        return example(position, tf.gather(images, index), tf.gather(labels, index))
+
+    positions = tf.data.Dataset.range(start_step * batch_size, tf.int64.max)
+    if source == "memory":
+        dataset = positions.map(gathered, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        dataset = _read_by_index(positions.map(lambda p: (p, index_of(p))), info, records, batch_size)
+        dataset = dataset.map(example, num_parallel_calls=tf.data.AUTOTUNE)
     return _shard_by_data(dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE))
 
 
-def holdout_dataset(name, data_dir, batch_size, holdout, num_examples=None):
+def holdout_dataset(name, data_dir, batch_size, holdout, num_examples=None, source="memory"):
     """The last `holdout` examples of the train split (never trained on when held out), in order, batched, not
-    augmented; the first `num_examples` of them if given."""
-    images, labels = _train_arrays(name, data_dir)
-    dataset = tf.data.Dataset.from_tensor_slices((images[-int(holdout):], labels[-int(holdout):]))
+    augmented; the first `num_examples` of them if given. Read from `source` as the train stream is."""
+    _check_source(source)
+    if source == "memory":
+        images, labels = _train_arrays(name, data_dir)
+        dataset = tf.data.Dataset.from_tensor_slices((images[-int(holdout):], labels[-int(holdout):]))
+    else:
+        info, records = _train_records(name, data_dir)
+        indices = tf.data.Dataset.range(len(records) - int(holdout), len(records))
+        dataset = _read_by_index(indices.map(lambda i: (i, i)), info, records, batch_size)
+        dataset = dataset.map(lambda index, image, label: (image, label))
     if num_examples is not None:
         dataset = dataset.take(num_examples)
     return _shard_by_data(
@@ -212,3 +421,39 @@ def eval_dataset(name, data_dir, batch_size, num_examples=None):
         dataset = dataset.take(num_examples)
     return _shard_by_data(
         dataset.map(to_float, num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def add_array_record(name, data_dir=None):
+    """Writes ArrayRecord copies of a prepared dataset's tfrecord shards beside them and adds the format to its
+    dataset_info.json, for the `disk` train source; tf.data keeps reading the tfrecord files. This is what
+    `tfds convert_format --out_file_format=array_record` does in place, without its CLI's apache-beam dependency
+    (tensorflow/datasets#5463). Returns the number of examples written (0 when the files are there already)."""
+    builder = _prepared_files(name, data_dir)
+    info = builder.info
+    if ARRAY_RECORD in info.available_file_formats():
+        return 0
+    if info.file_format != file_adapters.FileFormat.TFRECORD:
+        raise DataUnavailableError(f"dataset '{name}' in {builder.data_dir} is stored as {info.file_format.value}, "
+                                   f"not tfrecord: prepare it with tensorflow-datasets' default format")
+    writer = file_adapters.ADAPTER_FOR_FORMAT[ARRAY_RECORD]
+    written = 0
+    try:
+        for split in info.splits.values():
+            template = split.filename_template
+            sources = template.sharded_filepaths(split.num_shards)
+            targets = template.replace(filetype_suffix=writer.FILE_SUFFIX).sharded_filepaths(split.num_shards)
+            for source, target, length in zip(sources, targets, split.shard_lengths):
+                partial = f"{target}.incomplete"
+                records = tf.data.TFRecordDataset(os.fspath(source)).as_numpy_iterator()
+                writer.write_examples(partial, ((None, record) for record in records))
+                if writer.num_examples(partial) != length:
+                    raise DataUnavailableError(f"{source} holds {writer.num_examples(partial)} examples, its "
+                                               f"dataset_info.json says {length}: prepare the dataset again")
+                tf.io.gfile.rename(partial, os.fspath(target), overwrite=True)
+                written += length
+        info.add_alternative_file_format(ARRAY_RECORD)
+        info.write_dataset_info_json(builder.data_dir)
+    except (OSError, tf.errors.PermissionDeniedError) as error:
+        raise DataUnavailableError(f"cannot write ArrayRecord files into {builder.data_dir}: "
+                                   f"{getattr(error, 'strerror', None) or error}") from error
+    return written

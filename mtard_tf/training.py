@@ -13,6 +13,12 @@ from mtard_tf.config import ConfigError
 from mtard_tf.schedules import MilestoneDecay
 
 
+def train_source(config):
+    """"memory" or "disk": where this run reads the train split (data.train_source of --train_source)."""
+    return data.train_source(config.data.dataset, config.data.data_dir, config.data.train_source,
+                             config.data.in_memory_limit_gb)
+
+
 def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=()):
     """model.fit for `epochs` x `steps_per_epoch` steps, resumable at any step, with everything under `work_dir`.
 
@@ -29,6 +35,10 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     if step:
         print(f"resuming from step {step} of {total} ({checkpoints.latest()})")
     batch_size, validation_steps = config.schedule.batch_size, config.schedule.validation_steps
+    source = train_source(config)
+    if source == "disk":
+        print(f"train split of '{config.data.dataset}': read from disk by index (its ArrayRecord files), not held in "
+              f"memory")
     validation = data.eval_dataset(config.data.dataset, config.data.data_dir, batch_size)
     callbacks = [
         checkpointing.NonFiniteLossGuard(checkpoints.directory),
@@ -41,7 +51,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
         train = data.train_dataset(config.data.dataset, config.data.data_dir, batch_size, seed=config.runtime.seed,
-                                   start_step=step, holdout=config.selection.held_out())
+                                   start_step=step, holdout=config.selection.held_out(), source=source)
         result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
                              steps_per_epoch=steps_per_epoch - done, validation_data=validation,
                              validation_steps=validation_steps, callbacks=callbacks, verbose=config.runtime.verbose,
@@ -195,7 +205,7 @@ class ModelSelection(keras.callbacks.Callback):
         else:
             self.split = f"train[-{self.selection.holdout_examples}:] (held out)"
             self.dataset = data.holdout_dataset(dataset, data_dir, 250, self.selection.holdout_examples,
-                                                self.selection.examples)
+                                                self.selection.examples, source=train_source(config))
 
     def record(self):
         path = os.path.join(self.directory, "selection.json")

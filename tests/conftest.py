@@ -1,4 +1,4 @@
-"""Shared test fixtures: two logical CPU devices, offline mock datasets, tiny models."""
+"""Shared test fixtures: two logical CPU devices, offline mock datasets, a small real image dataset, tiny models."""
 
 import json
 import os
@@ -11,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
@@ -32,6 +33,40 @@ def write_mock_metadata(root, name, num_train, num_test):
         tfds.core.SplitInfo(name="test", shard_lengths=[num_test], num_bytes=0, filename_template=None)]))
     os.makedirs(builder.data_dir, exist_ok=True)
     builder.info.write_to_directory(builder.data_dir)
+
+
+IMAGE_DATASET = "mtard_test_images"  # real tfds files written by prepare_image_dataset
+IMAGE_TRAIN_EXAMPLES = 40
+IMAGE_TEST_EXAMPLES = 8
+
+
+class MtardTestImages(tfds.core.GeneratorBasedBuilder):
+    """Random 32x32 RGB images with labels of 10 classes. Registered by this definition, as cifar10 is: in the test
+    process tfds builds it from this code; a subprocess, which does not import it, reads it from its files alone."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(
+            builder=self, supervised_keys=("image", "label"),
+            features=tfds.features.FeaturesDict({"image": tfds.features.Image(shape=(32, 32, 3)),
+                                                 "label": tfds.features.ClassLabel(num_classes=10)}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples(0, IMAGE_TRAIN_EXAMPLES),
+                "test": self._generate_examples(1, IMAGE_TEST_EXAMPLES)}
+
+    def _generate_examples(self, seed, count):
+        rng = np.random.default_rng(seed)
+        for key in range(count):
+            yield key, {"image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), "label": int(rng.integers(10))}
+
+
+def prepare_image_dataset(root, file_format=None):
+    """Prepares IMAGE_DATASET in data_dir `root` with tensorflow-datasets' own writer (3 shards per split, in tfds'
+    default format unless `file_format` says otherwise), offline; returns `root` as a string."""
+    builder = MtardTestImages(data_dir=str(root), **({"file_format": file_format} if file_format else {}))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(num_shards=3))
+    return str(root)
 
 
 @pytest.fixture(scope="session")

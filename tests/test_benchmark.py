@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from conftest import IMAGE_DATASET, prepare_image_dataset
+from mtard_tf import data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--student=resnet18:width=2", "--clean_teacher_arch=resnet56:depth=8,width=2",
         "--robust_teacher_arch=wrn34_10:depth=10,widen=1", "--batch_size=4", "--steps=1", "--warmup=1",
@@ -23,12 +26,24 @@ def _records(result):
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_benchmark_prints_one_record_per_configuration():
-    records = _records(_run(
+def test_benchmark_prints_one_record_per_configuration_and_input_pipeline(tmp_path):
+    data_dir = prepare_image_dataset(tmp_path)
+    data.add_array_record(IMAGE_DATASET, data_dir)
+    all_records = _records(_run(
         "--student=resnet18:width=2,blocks=1", "--clean_teacher_arch=resnet56:depth=8,width=4",
         "--robust_teacher_arch=wrn34_10:depth=10,widen=1", "--batch_size=4", "--steps=1", "--attack_steps=2",
-        "--matmul_size=128", "--jit_compile=false,true"))
+        "--matmul_size=128", "--jit_compile=false,true", "--pipeline_batches=3", "--pipeline_sources=memory,disk",
+        f"--dataset={IMAGE_DATASET}", f"--data_dir={data_dir}"))
+    records = [record for record in all_records if "config" in record]
+    pipelines = [record for record in all_records if "input_pipeline_images_per_s" in record]
+    assert len(records) + len(pipelines) == len(all_records)
     assert [record["config"]["jit_compile"] for record in records] == [False, True]
+    assert [record["train_source"] for record in pipelines] == ["memory", "disk"]
+    for record in pipelines:
+        assert record["input_pipeline_images_per_s"] > 0 and record["batch_size"] == 4
+        assert record["step_images_per_s"] == max(r["images_per_s"] for r in records)
+        assert record["pipeline_over_step"] == pytest.approx(
+            record["input_pipeline_images_per_s"] / record["step_images_per_s"], abs=0.06)
     for record in records:
         assert record["images_per_s"] > 0 and record["ms_per_step"] > 0
         assert set(record["split_ms"]) == {"attack", "teachers", "student_update"}
