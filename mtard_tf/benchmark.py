@@ -1,11 +1,18 @@
 """Throughput of the B-MTARD train step: python -m mtard_tf.benchmark [flags].
 
-For each configuration (each --jit_compile value), prints one JSON line with images/s, ms per step, the split of a
-step into attack / teachers / student update (each part timed alone as its own tf.function), the FLOPs of one step
-and the achieved FLOP/s, the FLOP/s of a large matmul in the policy's compute dtype (and in float32) on the same device
-measured in the same run, so `matmul_fraction` says how much of the machine's attainable rate at that precision the
-step reaches, and the process's peak memory so far (`peak_rss_mb`, PyTorch's included with --compare_torch; and
-`peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 in this configuration).
+A configuration is a --jit_compile value with a (--precision, --attack_precision) pair. For each, prints one JSON
+line with images/s, ms per step, the split of a step into attack / teachers / student update (each part timed alone
+as its own tf.function), the FLOPs of one step and the achieved FLOP/s, the FLOP/s of a large matmul in the compute
+dtype of --precision (and in float32) on the same device measured in the same run, so `matmul_fraction` says how much
+of the machine's attainable rate at that precision the step reaches, and the process's peak memory so far
+(`peak_rss_mb`, PyTorch's included with --compare_torch; and `peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 since
+the configurations of this --jit_compile value were built). The configurations of one --jit_compile value are built
+together and timed side by side: their steps alternate (A, B, A, B, ...), then their parts do, so that a change of
+the machine's load affects them alike. --attack_precision=mixed_bfloat16 with --precision=float32 runs the attack's
+student passes and the teachers in bfloat16 and the student's update in float32 (Trainer's attack_precision).
+--profile_dir traces one more step of each configuration (mtard_tf.profiling) and adds `profile` to its line: the
+trace file, the op time of each part of the step (`op_ms_by_part`, by the train step's name scopes) and the top op
+types (`top_op_types_ms`).
 
 With --compare_torch, the same step in PyTorch eager mode (mtard_tf.torch_step: same architectures, batch, attack
 steps, data and precision) is timed in the same run, its steps alternating with TensorFlow's (TF, torch, TF, torch,
@@ -50,7 +57,11 @@ flags.DEFINE_integer("warmup", 1, "Untimed steps before timing (tracing, compila
 flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.", lower_bound=1)
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure (one JSON line each).")
-flags.DEFINE_enum("precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"], "Keras dtype policy.")
+flags.DEFINE_list("precision", ["float32"], "Keras dtype policies of the models (float32, mixed_float16, "
+                  "mixed_bfloat16, or auto as mtard_tf.main resolves it); with --attack_precision, each pair is one "
+                  "configuration.")
+flags.DEFINE_list("attack_precision", ["same"], "Dtype policies of the attack's student passes and the teachers: "
+                  "same (the --precision) or a policy (the student's update stays in --precision).")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the device's rate.")
 flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), alternating "
                   "with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.")
@@ -61,6 +72,9 @@ flags.register_validator("pipeline_sources", lambda sources: {s.strip() for s in
                          "--pipeline_sources must be a list of memory, disk")
 flags.DEFINE_string("dataset", "cifar10", "Dataset of the input-pipeline measurement.")
 flags.DEFINE_string("data_dir", None, "tfds data directory of the input-pipeline measurement.")
+flags.DEFINE_string("profile_dir", None, "If set, one more step of each configuration is traced with the "
+                    "TensorFlow profiler into <profile_dir>/<configuration> (tensorboard --logdir=<profile_dir>), and "
+                    "its record gets the trace's op time by part of the step and its top op types.")
 
 
 def forward_flops(model, image_shape):
@@ -134,22 +148,34 @@ class Setup:
     steps: int
     precision: str
     compare_torch: bool = False
+    attack_precision: str = "same"
 
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
+# The parts of a step: the name scopes of Distiller.train_step, which name its ops in a profiler trace.
+PARTS = ("attack", "teachers", "student_update")
 
 
 def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
+    """The compiled Distiller of `setup`, its models built under the Keras dtype policy `setup.precision`."""
     import keras
     from mtard_tf import models
     from mtard_tf.distiller import Distiller
-    with strategy.scope():
-        student = models.build_model(setup.student, num_classes, image_shape)
-        clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
-        robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
-        distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
-        distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM), jit_compile=jit_compile)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(setup.precision)
+    try:
+        with strategy.scope():
+            student = models.build_model(setup.student, num_classes, image_shape)
+            clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
+            robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
+            attack_precision = None if setup.attack_precision == "same" else setup.attack_precision
+            distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps,
+                                  attack_precision=attack_precision)
+            distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+                              jit_compile=jit_compile)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
     return distiller
 
 
@@ -179,89 +205,150 @@ def torch_step_function(step, images, labels):
     return call
 
 
-def measure(setup, jit_compile, strategy, matmul_rates):
-    """Times full steps through Distiller.train_step (alternating with the PyTorch step's if setup.compare_torch)
-    and each of its parts; returns the JSON record. `matmul_rates` maps dtype names to matmul FLOP/s."""
-    import keras
-    import numpy as np
-    import tensorflow as tf
-    from mtard_tf import attacks
-    gpu = bool(tf.config.list_logical_devices("GPU"))
-    if gpu:
-        tf.config.experimental.reset_memory_stats("GPU:0")
-    distiller = build(setup, jit_compile, strategy)
-    batch = setup.batch_size
-    rng = np.random.default_rng(0)
-    images_array = rng.uniform(0, 1, (batch, 32, 32, 3)).astype(np.float32)
-    labels_array = rng.integers(0, 10, batch).astype(np.int32)
-    images = tf.constant(images_array)
-    labels = tf.constant(labels_array)
-    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors((images, labels)).repeat())
-    iterator = iter(dataset)
-    distiller.make_train_function()
-    train_function = distiller.train_function
-    steps = [lambda: tf.nest.map_structure(lambda v: v.numpy(), train_function(iterator))]
-    if setup.compare_torch:
-        torch_step = build_torch_step(setup, distiller)
-        steps.append(torch_step_function(torch_step, images_array, labels_array))
-    seconds_per_step, *torch_seconds_per_step = seconds_per_call(steps, setup.warmup, setup.steps)
+def part_of(op_name, op_type):
+    """The part of the step (PARTS) an op of a profiler trace belongs to, by its name scope; "other" outside them."""
+    scopes = op_name.split("/")
+    return next((part for part in PARTS if part in scopes), "other")
 
-    def run_part(part):
-        compiled = tf.function(lambda x, y: strategy.run(part, args=(x, y)), jit_compile=jit_compile)
+
+class Measurement:
+    """One configuration: its Distiller on a fixed synthetic batch, and blocking calls of its full step, of each part
+    of the step (each its own tf.function) and, with setup.compare_torch, of the same step in PyTorch."""
+
+    def __init__(self, setup, jit_compile, strategy):
+        import numpy as np
+        import tensorflow as tf
+        self.setup, self.jit_compile, self.strategy = setup, jit_compile, strategy
+        self.distiller = distiller = build(setup, jit_compile, strategy)
+        rng = np.random.default_rng(0)
+        images_array = rng.uniform(0, 1, (setup.batch_size, 32, 32, 3)).astype(np.float32)
+        labels_array = rng.integers(0, 10, setup.batch_size).astype(np.int32)
+        self.images, self.labels = tf.constant(images_array), tf.constant(labels_array)
+        dataset = tf.data.Dataset.from_tensors((self.images, self.labels)).repeat()
+        iterator = iter(strategy.experimental_distribute_dataset(dataset))
+        distiller.make_train_function()
+        train_function = distiller.train_function
+        self.step = lambda: tf.nest.map_structure(lambda v: v.numpy(), train_function(iterator))
+        self.torch, self.torch_step = None, None
+        if setup.compare_torch:
+            self.torch = build_torch_step(setup, distiller)
+            self.torch_step = torch_step_function(self.torch, images_array, labels_array)
+        one = tf.constant(1.0)
+        step = tf.constant(0, tf.int64)
+        self.parts = {
+            "attack": self._part(lambda x, y: distiller.adversarial_examples(x, y)),
+            "teachers": self._part(lambda x, y: distiller.teacher_targets(x, x, one, one)),
+            # Recomputes the teachers' targets: their time is subtracted.
+            "student_update": self._part(lambda x, y: distiller.update_student(
+                x, x, *distiller.teacher_targets(x, x, one, one), step)[0]),
+        }
+
+    def _part(self, part):
+        import tensorflow as tf
+        strategy = self.strategy
+        compiled = tf.function(lambda x, y: strategy.run(part, args=(x, y)), jit_compile=self.jit_compile)
+
         def call():
-            outputs = compiled(images, labels)
+            outputs = compiled(self.images, self.labels)
             tf.nest.map_structure(lambda v: v.numpy() if hasattr(v, "numpy") else v,
                                   strategy.experimental_local_results(outputs))
-        return seconds_per_call([call], setup.warmup, setup.steps)[0]
+        return call
 
-    one = tf.constant(1.0)
-    step = tf.constant(0, tf.int64)
-    split = {
-        "attack": run_part(lambda x, y: distiller.adversarial_examples(x, y)),
-        "teachers": run_part(lambda x, y: distiller.teacher_targets(x, x, one, one)),
-        "student_update": run_part(lambda x, y: distiller.update_student(
-            x, x, *distiller.teacher_targets(x, x, one, one), step)[0]),
-    }
-    split["student_update"] -= split["teachers"]  # that part recomputes the teachers' targets
+    def profile(self, logdir):
+        """Traces one more full step into `logdir`; its trace file and the op time by part and by op type."""
+        from mtard_tf import profiling
+        with profiling.trace(logdir):
+            self.step()
+        path = profiling.trace_files(logdir)[-1]
+        by_type = profiling.op_seconds(path)
+        return {"trace": path,
+                "op_ms_by_part": {part: round(1000 * seconds, 1)
+                                  for part, seconds in profiling.op_seconds(path, part_of).items()},
+                "top_op_types_ms": {op_type: round(1000 * seconds, 1)
+                                    for op_type, seconds in list(by_type.items())[:10]}}
 
-    flops_per_image = {name: forward_flops(model, (32, 32, 3)) for name, model in
-                       (("student", distiller.student), ("clean_teacher", distiller.clean_teacher),
-                        ("robust_teacher", distiller.robust_teacher))}
-    step_flops = batch * (flops_per_image["student"] * (2 * setup.attack_steps + 6)
-                          + flops_per_image["clean_teacher"] + flops_per_image["robust_teacher"])
-    achieved = step_flops / seconds_per_step
-    compute_dtype = keras.mixed_precision.Policy(setup.precision).compute_dtype
-    record = {
-        "config": {"student": setup.student, "clean_teacher": setup.clean_teacher,
-                   "robust_teacher": setup.robust_teacher, "batch_size": batch,
-                   "attack_steps": setup.attack_steps, "replicas": strategy.num_replicas_in_sync,
-                   "jit_compile": jit_compile, "precision": setup.precision, "device": "GPU" if gpu else "CPU"},
-        "images_per_s": round(batch / seconds_per_step, 2),
-        "ms_per_step": round(1000 * seconds_per_step, 1),
-    }
-    if setup.compare_torch:
-        import torch
-        record["config"].update(torch_device=torch_step.device.type, torch_threads=torch.get_num_threads(),
-                                torch_omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
-        record.update(torch_images_per_s=round(batch / torch_seconds_per_step[0], 2),
-                      torch_ms_per_step=round(1000 * torch_seconds_per_step[0], 1),
-                      speedup_vs_torch=round(torch_seconds_per_step[0] / seconds_per_step, 3))
-    record.update({
-        "split_ms": {name: round(1000 * value, 1) for name, value in split.items()},
-        "forward_flops_per_image": flops_per_image,
-        "flops_per_step": step_flops,
-        "achieved_flops_per_s": round(achieved),
-        # The reference rate is the matmul's in the compute dtype (bfloat16 under mixed_bfloat16).
-        "matmul_dtype": compute_dtype,
-        "matmul_flops_per_s": round(matmul_rates[compute_dtype]),
-        "matmul_flops_per_s_float32": round(matmul_rates["float32"]),
-        "matmul_fraction": round(achieved / matmul_rates[compute_dtype], 4),
-        # The attack-stall check (attacks.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
-        "attack_zero_gradient_fraction": round(float(attacks.zero_gradient_fraction(
-            distiller.cross_entropy_objective(labels), images)), 6),
-        **peak_memory_mb(),
-    })
-    return record
+    def record(self, seconds_per_step, torch_seconds_per_step, split, matmul_rates):
+        """The JSON record of this configuration from its timings; `matmul_rates` maps dtype names to FLOP/s."""
+        import keras
+        import tensorflow as tf
+        from mtard_tf import attacks
+        setup, distiller, batch = self.setup, self.distiller, self.setup.batch_size
+        flops_per_image = {name: forward_flops(model, (32, 32, 3)) for name, model in
+                           (("student", distiller.student), ("clean_teacher", distiller.clean_teacher),
+                            ("robust_teacher", distiller.robust_teacher))}
+        step_flops = batch * (flops_per_image["student"] * (2 * setup.attack_steps + 6)
+                              + flops_per_image["clean_teacher"] + flops_per_image["robust_teacher"])
+        achieved = step_flops / seconds_per_step
+        compute_dtype = keras.mixed_precision.Policy(setup.precision).compute_dtype
+        gpu = bool(tf.config.list_logical_devices("GPU"))
+        record = {
+            "config": {"student": setup.student, "clean_teacher": setup.clean_teacher,
+                       "robust_teacher": setup.robust_teacher, "batch_size": batch,
+                       "attack_steps": setup.attack_steps, "replicas": self.strategy.num_replicas_in_sync,
+                       "jit_compile": self.jit_compile, "precision": setup.precision,
+                       "attack_precision": setup.attack_precision, "device": "GPU" if gpu else "CPU"},
+            "images_per_s": round(batch / seconds_per_step, 2),
+            "ms_per_step": round(1000 * seconds_per_step, 1),
+        }
+        if setup.compare_torch:
+            import torch
+            record["config"].update(torch_device=self.torch.device.type, torch_threads=torch.get_num_threads(),
+                                    torch_omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""))
+            record.update(torch_images_per_s=round(batch / torch_seconds_per_step, 2),
+                          torch_ms_per_step=round(1000 * torch_seconds_per_step, 1),
+                          speedup_vs_torch=round(torch_seconds_per_step / seconds_per_step, 3))
+        record.update({
+            "split_ms": {name: round(1000 * value, 1) for name, value in split.items()},
+            "forward_flops_per_image": flops_per_image,
+            "flops_per_step": step_flops,
+            "achieved_flops_per_s": round(achieved),
+            # The reference rate is the matmul's in the compute dtype of --precision (bfloat16 under mixed_bfloat16).
+            "matmul_dtype": compute_dtype,
+            "matmul_flops_per_s": round(matmul_rates[compute_dtype]),
+            "matmul_flops_per_s_float32": round(matmul_rates["float32"]),
+            "matmul_fraction": round(achieved / matmul_rates[compute_dtype], 4),
+            # The attack-stall check (attacks.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
+            "attack_zero_gradient_fraction": round(float(attacks.zero_gradient_fraction(
+                distiller.cross_entropy_objective(self.labels), self.images)), 6),
+        })
+        return record
+
+
+def measure(setups, jit_compile, strategy, matmul_rates, profile_dir=None):
+    """Times the configurations `setups` (one --jit_compile value) side by side: their full steps through
+    Distiller.train_step alternate (each followed by its PyTorch step with compare_torch), then each part of the
+    step alternates across them. With `profile_dir`, one more step of each is traced into
+    <profile_dir>/<configuration>. Returns their JSON records."""
+    gpu_reset()
+    measurements = [Measurement(setup, jit_compile, strategy) for setup in setups]
+    calls = [call for m in measurements for call in (m.step, m.torch_step) if call is not None]
+    seconds = iter(seconds_per_call(calls, setups[0].warmup, setups[0].steps))
+    steps = [(next(seconds), next(seconds) if m.torch_step else None) for m in measurements]
+    splits = [{} for _ in measurements]
+    for part in PARTS:
+        for split, value in zip(splits, seconds_per_call([m.parts[part] for m in measurements],
+                                                         setups[0].warmup, setups[0].steps)):
+            split[part] = value
+    records = []
+    for m, (step_seconds, torch_seconds), split in zip(measurements, steps, splits):
+        split["student_update"] -= split["teachers"]
+        record = m.record(step_seconds, torch_seconds, split, matmul_rates)
+        if profile_dir:
+            record["profile"] = m.profile(os.path.join(profile_dir, label(m.setup, jit_compile)))
+        records.append({**record, **peak_memory_mb()})
+    return records
+
+
+def label(setup, jit_compile):
+    """A configuration's name, e.g. "float32-attack_mixed_bfloat16-xla_off"."""
+    return f"{setup.precision}-attack_{setup.attack_precision}-xla_{'on' if jit_compile else 'off'}"
+
+
+def gpu_reset():
+    """Resets TensorFlow's peak memory statistic on GPU:0, if there is one."""
+    import tensorflow as tf
+    if tf.config.list_logical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
 
 
 def pipeline_images_per_second(dataset, data_dir, batch_size, batches, source="memory", warmup=5):
@@ -285,8 +372,32 @@ def import_torch_passively_waiting():
     import torch  # noqa: F401
 
 
+def configurations():
+    """The (precision, attack precision) pairs of --precision x --attack_precision, an attack precision equal to its
+    --precision written "same" (what it computes), each pair once; or a one-line error message."""
+    from mtard_tf.config import PRECISIONS
+    for name, values, allowed in (("precision", FLAGS.precision, ("auto", *PRECISIONS)),
+                                  ("attack_precision", FLAGS.attack_precision, ("same", *PRECISIONS))):
+        unknown = [value for value in values if value not in allowed]
+        if unknown or not values:
+            return f"--{name}={','.join(values)}: expected a list of {', '.join(allowed)}"
+    pairs = []
+    for precision in FLAGS.precision:
+        for attack_precision in FLAGS.attack_precision:
+            pair = (precision, "same" if attack_precision == precision else attack_precision)
+            if pair not in pairs:
+                pairs.append(pair)
+    if FLAGS.compare_torch and any(attack != "same" for _, attack in pairs):
+        return "--compare_torch needs --attack_precision=same (the PyTorch step computes in one precision)"
+    return pairs
+
+
 def main(argv):
     del argv
+    pairs = configurations()
+    if isinstance(pairs, str):
+        print(f"error: {pairs}", file=sys.stderr)
+        return 1
     if FLAGS.compare_torch:
         try:
             import_torch_passively_waiting()
@@ -301,10 +412,18 @@ def main(argv):
     import keras
     from mtard_tf import distribute
     distribute.set_cpu_replicas(FLAGS.cpu_replicas)
-    keras.mixed_precision.set_global_policy(FLAGS.precision)
     strategy = distribute.make_strategy()
-    setup = Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
-                  FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, FLAGS.precision, FLAGS.compare_torch)
+    resolved = []  # "auto" as mtard_tf.main resolves it, on this device
+    for precision, attack_precision in pairs:
+        pair = (distribute.resolve_precision(precision)[0], attack_precision)
+        if pair[1] == pair[0]:
+            pair = (pair[0], "same")
+        if pair not in resolved:
+            resolved.append(pair)
+    pairs = resolved
+    setups = [Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
+                    FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, precision, FLAGS.compare_torch, attack_precision)
+              for precision, attack_precision in pairs]
     if FLAGS.batch_size % strategy.num_replicas_in_sync:
         print(f"error: batch size {FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
               file=sys.stderr)
@@ -312,10 +431,11 @@ def main(argv):
     if FLAGS.compare_torch:
         import torch
         torch.set_num_threads(tensorflow_intra_op_threads())
-    matmul_rates = {"float32": matmul_flops_per_second(FLAGS.matmul_size)}
-    compute_dtype = keras.mixed_precision.global_policy().compute_dtype
-    if compute_dtype not in matmul_rates:
-        matmul_rates[compute_dtype] = matmul_flops_per_second(FLAGS.matmul_size, compute_dtype)
+    matmul_rates = {}
+    for policy in ("float32", *(policy for pair in pairs for policy in pair)):
+        dtype = keras.mixed_precision.Policy(policy).compute_dtype if policy != "same" else "float32"
+        if dtype not in matmul_rates:
+            matmul_rates[dtype] = matmul_flops_per_second(FLAGS.matmul_size, dtype)
     step_rates = []
     for value in FLAGS.jit_compile:
         jit_compile = value.strip().lower() in ("1", "true", "yes")
@@ -323,9 +443,9 @@ def main(argv):
             print(json.dumps({"config": {"jit_compile": True, "replicas": strategy.num_replicas_in_sync},
                               "skipped": "XLA does not work under MirroredStrategy with several replicas"}))
             continue
-        record = measure(setup, jit_compile, strategy, matmul_rates)
-        step_rates.append(record["images_per_s"])
-        print(json.dumps(record), flush=True)
+        for record in measure(setups, jit_compile, strategy, matmul_rates, FLAGS.profile_dir):
+            step_rates.append(record["images_per_s"])
+            print(json.dumps(record), flush=True)
     from mtard_tf.errors import UserError
     for source in FLAGS.pipeline_sources if FLAGS.pipeline_batches else ():
         try:
@@ -340,7 +460,6 @@ def main(argv):
             record.update(step_images_per_s=max(step_rates), pipeline_over_step=round(rate / max(step_rates), 1))
         print(json.dumps(record), flush=True)
     return 0
-
 
 if __name__ == "__main__":
     app.run(main)

@@ -90,12 +90,24 @@ class RuntimeConfig:
                             "Evaluation and export compute in float32 whatever the training precision (see "
                             "--export_precision).",
                             choices=("auto", *PRECISIONS))
+    attack_precision: str = option("same", "Dtype policy of the training attack's student passes and of the "
+                                   "teachers: same: the student's --precision for the attack, and each teacher the "
+                                   "precision it was saved with; or a policy, e.g. mixed_bfloat16 with --precision="
+                                   "float32 (16-bit attack and teachers, float32 student update). The validation "
+                                   "attack computes in --precision.", choices=("same", *PRECISIONS))
     jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
     log_every_n_steps: int = option(1, "TensorBoard scalars every N training steps.", lower=1)
     checkpoint_every_n_steps: int = option(0, "Also checkpoint every N training steps (0: at epoch ends only).",
                                            lower=0)
+    profile_dir: str = option("", "If set, a TensorFlow profiler trace of training step --profile_step of each "
+                              "training this process runs (the student: <profile_dir>/student; a teacher: "
+                              "<profile_dir>/teachers/<kind>), for `tensorboard --logdir=<profile_dir>` (Profile tab, "
+                              "package tensorboard-plugin-profile).")
+    profile_step: int = option(2, "The training step (1-based, counted from this process's start of the training) "
+                               "that --profile_dir traces; the first also traces and compiles the step function.",
+                               lower=1)
     verbose: int = option(1, "Progress bars (1) or none (0).", flag=False)
 
     def __post_init__(self):

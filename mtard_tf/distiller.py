@@ -38,6 +38,8 @@ class Distiller(Trainer):
         self.robust_teacher = robust_teacher
         for teacher in (clean_teacher, robust_teacher):
             teacher.trainable = False
+        self.clean_inference = self.inference_view(clean_teacher)
+        self.robust_inference = self.inference_view(robust_teacher)
         self.balance = balance
         self.kl_scale = float(kl_scale)
         self.weight_rate = weight_rate
@@ -89,8 +91,8 @@ class Distiller(Trainer):
 
     def teacher_targets(self, images, images_adv, temperature_adv, temperature_nat):
         """p_a = softmax(T_a(x') / tau_a), p_n = softmax(T_n(x) / tau_n), teachers frozen in inference mode."""
-        return (losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv),
-                losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat))
+        return (losses.teacher_probabilities(self.robust_inference(images_adv), temperature_adv),
+                losses.teacher_probabilities(self.clean_inference(images), temperature_nat))
 
     def update_student(self, images, images_adv, probs_adv, probs_nat, step):
         """Distillation losses (student in training mode), loss weights from them, one SGD step on the student.
@@ -116,12 +118,17 @@ class Distiller(Trainer):
         temperature_adv = tf.identity(self.temperature_adv)
         temperature_nat = tf.identity(self.temperature_nat)
 
+        # The name scopes name the parts of the step in a profiler trace (benchmark.PARTS).
         # 1. The student's adversarial examples.
-        images_adv = self.adversarial_examples(images, labels)
+        with tf.name_scope("attack"):
+            images_adv = self.adversarial_examples(images, labels)
         # 2. Teacher probabilities at this step's temperatures.
-        probs_adv, probs_nat = self.teacher_targets(images, images_adv, temperature_adv, temperature_nat)
+        with tf.name_scope("teachers"):
+            probs_adv, probs_nat = self.teacher_targets(images, images_adv, temperature_adv, temperature_nat)
         # 3-5. Losses, Normalization Loss Balance, and the student's update with the new weights.
-        kl_adv, kl_nat, weight_adv, weight_nat = self.update_student(images, images_adv, probs_adv, probs_nat, step)
+        with tf.name_scope("student_update"):
+            kl_adv, kl_nat, weight_adv, weight_nat = self.update_student(images, images_adv, probs_adv, probs_nat,
+                                                                         step)
         # 6. Entropy-Based Balance: teacher temperatures for the next step.
         entropy_adv = global_mean(losses.teacher_entropy(probs_adv))
         entropy_nat = global_mean(losses.teacher_entropy(probs_nat))

@@ -8,7 +8,8 @@ import time
 
 import keras
 
-from mtard_tf import checkpointing, data, distribute, evaluation, files, methods, models, summaries, teachers
+from mtard_tf import (checkpointing, data, distribute, evaluation, files, methods, models, profiling, summaries,
+                      teachers)
 from mtard_tf.config import ConfigError
 from mtard_tf.schedules import MilestoneDecay
 
@@ -25,7 +26,9 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     Checkpoints (`checkpoints/`, every epoch and every `config.runtime.checkpoint_every_n_steps`) hold the model, the
     optimizer and the trainer's state; the data stream restarts at the restored step, so a resumed run computes what
     an uninterrupted one does. A resumed partial epoch is finished by its own fit call. TensorBoard scalars go to
-    `tensorboard/`. Returns a keras History with the merged per-epoch logs of this call.
+    `tensorboard/`. With `config.runtime.profile_dir`, step `profile_step` of this call is traced into
+    `<profile_dir>/student` (`work_dir` = the model directory) or `<profile_dir>/<work_dir relative to it>`.
+    Returns a keras History with the merged per-epoch logs of this call.
     """
     output_dir = distribute.writable_dir(strategy, work_dir)
     checkpoints = checkpointing.StepCheckpoints(trainer, os.path.join(work_dir, "checkpoints"),
@@ -46,6 +49,12 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
         *callbacks,  # after validation, before the epoch's checkpoint
         checkpointing.CheckpointCallback(checkpoints, config.runtime.checkpoint_every_n_steps),
     ]
+    if config.runtime.profile_dir:
+        run = os.path.relpath(work_dir, config.runtime.model_dir)
+        logdir = os.path.join(config.runtime.profile_dir, "student" if run == os.curdir else run)
+        # First: its trace starts right before the step and stops right after it, without the other callbacks.
+        callbacks.insert(0, profiling.ProfileStep(distribute.writable_dir(strategy, logdir),
+                                                  config.runtime.profile_step))
     history = keras.callbacks.History()
     history.history = {}
     while step < total:
@@ -103,7 +112,8 @@ def _build_trainer(config, strategy, method, network, frozen, learning_rate, sch
     trainer = methods.get_method(method).build(
         network, frozen, config, schedule, epsilon=attack.epsilon, attack_steps=attack.steps,
         attack_step_size=attack.step_size, weight_decay=config.schedule.weight_decay,
-        eval_attack_steps=eval_attack_steps, seed=config.runtime.seed)
+        eval_attack_steps=eval_attack_steps, seed=config.runtime.seed,
+        attack_precision=None if config.runtime.attack_precision == "same" else config.runtime.attack_precision)
     trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=config.schedule.momentum),
                     jit_compile=distribute.use_xla(strategy, config.runtime.jit_compile))
     return trainer
