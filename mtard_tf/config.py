@@ -82,12 +82,12 @@ class RuntimeConfig:
                            "multi_worker: MultiWorkerMirroredStrategy over the workers in the TF_CONFIG environment "
                            "variable (start the same command on every worker; --model_dir on storage all of them "
                            "see).", choices=STRATEGIES)
-    precision: str = option("auto", "Keras dtype policy of the models trained here: mixed_* computes in 16 "
+    precision: str = option("float32", "Keras dtype policy of the models trained here: mixed_* computes in 16 "
                             "bits; logits, losses, softmax, entropy and the balancing state stay float32. auto: "
                             "mixed_bfloat16 where the device computes bfloat16 natively (x86 CPUs with AVX512-BF16 or "
-                            "AMX, NVIDIA GPUs of compute capability 8.0 or newer), else float32 (the default: a "
-                            "float32/bf16 A/B of the cpu_small student measured no accuracy difference, README). "
-                            "Evaluation and export compute in float32 whatever the training precision (see "
+                            "AMX, NVIDIA GPUs of compute capability 8.0 or newer), else float32 (not the default: "
+                            "the README's A/B measured no accuracy difference, but bfloat16 slower than float32 on "
+                            "an AVX512-BF16 CPU). Evaluation and export compute in float32 whatever the training precision (see "
                             "--export_precision).",
                             choices=("auto", *PRECISIONS))
     attack_precision: str = option("same", "Dtype policy of the training attack's student passes and of the "
