@@ -153,8 +153,6 @@ class Setup:
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
-# The parts of a step: the name scopes of Distiller.train_step, which name its ops in a profiler trace.
-PARTS = ("attack", "teachers", "student_update")
 
 
 def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
@@ -203,12 +201,6 @@ def torch_step_function(step, images, labels):
         if step.device.type == "cuda":
             torch.cuda.synchronize(step.device)
     return call
-
-
-def part_of(op_name, op_type):
-    """The part of the step (PARTS) an op of a profiler trace belongs to, by its name scope; "other" outside them."""
-    scopes = op_name.split("/")
-    return next((part for part in PARTS if part in scopes), "other")
 
 
 class Measurement:
@@ -263,7 +255,7 @@ class Measurement:
         by_type = profiling.op_seconds(path)
         return {"trace": path,
                 "op_ms_by_part": {part: round(1000 * seconds, 1)
-                                  for part, seconds in profiling.op_seconds(path, part_of).items()},
+                                  for part, seconds in profiling.op_seconds(path, profiling.part_of).items()},
                 "top_op_types_ms": {op_type: round(1000 * seconds, 1)
                                     for op_type, seconds in list(by_type.items())[:10]}}
 
@@ -325,7 +317,8 @@ def measure(setups, jit_compile, strategy, matmul_rates, profile_dir=None):
     seconds = iter(seconds_per_call(calls, setups[0].warmup, setups[0].steps))
     steps = [(next(seconds), next(seconds) if m.torch_step else None) for m in measurements]
     splits = [{} for _ in measurements]
-    for part in PARTS:
+    from mtard_tf.profiling import STEP_PARTS
+    for part in STEP_PARTS:
         for split, value in zip(splits, seconds_per_call([m.parts[part] for m in measurements],
                                                          setups[0].warmup, setups[0].steps)):
             split[part] = value

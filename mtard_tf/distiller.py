@@ -118,7 +118,7 @@ class Distiller(Trainer):
         temperature_adv = tf.identity(self.temperature_adv)
         temperature_nat = tf.identity(self.temperature_nat)
 
-        # The name scopes name the parts of the step in a profiler trace (benchmark.PARTS).
+        # The name scopes name the parts of the step in a profiler trace (profiling.STEP_PARTS).
         # 1. The student's adversarial examples.
         with tf.name_scope("attack"):
             images_adv = self.adversarial_examples(images, labels)

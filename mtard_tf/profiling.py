@@ -60,6 +60,16 @@ class ProfileStep(keras.callbacks.Callback):
             self.tracing = False
 
 
+STEP_PARTS = ("attack", "teachers", "student_update")  # the name scopes of Distiller.train_step
+
+
+def part_of(op_name, op_type):
+    """The part of the step (STEP_PARTS) an op of a profiler trace belongs to, by its name scope; "other" outside
+    them. A key for op_seconds."""
+    scopes = op_name.split("/")
+    return next((part for part in STEP_PARTS if part in scopes), "other")
+
+
 def op_seconds(path, key=lambda op_name, op_type: op_type):
     """{key(op name, op type): seconds}, by default {op type: seconds}, of the TensorFlow ops in the trace file
     `path`, most first: each op's own time (time spent in ops it contains subtracted), summed over the host's threads.

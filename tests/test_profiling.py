@@ -2,7 +2,7 @@
 
 import os
 
-from mtard_tf import benchmark, profiling, training
+from mtard_tf import profiling, training
 from mtard_tf import config as config_lib
 
 
@@ -17,8 +17,8 @@ def test_profile_dir_traces_the_chosen_step_of_a_distillation(mock_cifar, teache
     logdir = os.path.join(profile_dir, "student")
     [trace] = profiling.trace_files(logdir)  # one step: one start and stop of the profiler
     assert os.path.dirname(os.path.dirname(trace)) == os.path.join(logdir, "plugins", "profile")
-    by_part = profiling.op_seconds(trace, benchmark.part_of)
+    by_part = profiling.op_seconds(trace, profiling.part_of)
     assert {"attack", "teachers", "student_update"} <= set(by_part)
-    assert min(by_part[part] for part in benchmark.PARTS) > 0
+    assert min(by_part[part] for part in profiling.STEP_PARTS) > 0
     assert profiling.op_seconds(trace)  # op types
 
