@@ -102,7 +102,7 @@ def test_attack_precisions_side_by_side_each_with_a_profile(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--precision=float64"], "--precision=float64: expected a list of float32, mixed_float16, mixed_bfloat16"),
+    (["--precision=float64"], "--precision=float64: expected a list of auto, float32, mixed_float16, mixed_bfloat16"),
     (["--attack_precision=bf16"], "--attack_precision=bf16: expected a list of same, float32"),
     (["--attack_precision=mixed_bfloat16", "--compare_torch"], "--compare_torch needs --attack_precision=same"),
 ])
