@@ -365,6 +365,18 @@ def import_torch_passively_waiting():
     import torch  # noqa: F401
 
 
+def precision_pairs(precisions, attack_precisions):
+    """(precision, attack precision) for each of precisions x attack_precisions, an attack precision equal to its
+    precision written "same" (what it computes), each pair once, in order."""
+    pairs = []
+    for precision in precisions:
+        for attack_precision in attack_precisions:
+            pair = (precision, "same" if attack_precision == precision else attack_precision)
+            if pair not in pairs:
+                pairs.append(pair)
+    return pairs
+
+
 def configurations():
     """The (precision, attack precision) pairs of --precision x --attack_precision, an attack precision equal to its
     --precision written "same" (what it computes), each pair once; or a one-line error message."""
@@ -374,12 +386,7 @@ def configurations():
         unknown = [value for value in values if value not in allowed]
         if unknown or not values:
             return f"--{name}={','.join(values)}: expected a list of {', '.join(allowed)}"
-    pairs = []
-    for precision in FLAGS.precision:
-        for attack_precision in FLAGS.attack_precision:
-            pair = (precision, "same" if attack_precision == precision else attack_precision)
-            if pair not in pairs:
-                pairs.append(pair)
+    pairs = precision_pairs(FLAGS.precision, FLAGS.attack_precision)
     if FLAGS.compare_torch and any(attack != "same" for _, attack in pairs):
         return "--compare_torch needs --attack_precision=same (the PyTorch step computes in one precision)"
     return pairs
@@ -406,14 +413,9 @@ def main(argv):
     from mtard_tf import distribute
     distribute.set_cpu_replicas(FLAGS.cpu_replicas)
     strategy = distribute.make_strategy()
-    resolved = []  # "auto" as mtard_tf.main resolves it, on this device
-    for precision, attack_precision in pairs:
-        pair = (distribute.resolve_precision(precision)[0], attack_precision)
-        if pair[1] == pair[0]:
-            pair = (pair[0], "same")
-        if pair not in resolved:
-            resolved.append(pair)
-    pairs = resolved
+    # "auto" as mtard_tf.main resolves it, on this device
+    pairs = precision_pairs([distribute.resolve_precision(precision)[0] for precision in FLAGS.precision],
+                            FLAGS.attack_precision)
     setups = [Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
                     FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, precision, FLAGS.compare_torch, attack_precision)
               for precision, attack_precision in pairs]
