@@ -1,6 +1,6 @@
 """Throughput of the B-MTARD train step: python -m mtard_tf.benchmark [flags].
 
-A configuration is a --jit_compile value with a (--precision, --attack_precision) pair. For each, prints one JSON
+A configuration is a (--jit_compile, --precision) pair. For each, prints one JSON
 line with images/s, ms per step, the split of a step into attack / teachers / student update (each part timed alone
 as its own tf.function), the FLOPs of one step and the achieved FLOP/s, the FLOP/s of a large matmul in the compute
 dtype of --precision (and in float32) on the same device measured in the same run, so `matmul_fraction` says how much
@@ -8,9 +8,7 @@ of the machine's attainable rate at that precision the step reaches, and the pro
 (`peak_rss_mb`, PyTorch's included with --compare_torch; and `peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 since
 the configurations of this --jit_compile value were built). The configurations of one --jit_compile value are built
 together and timed side by side: their steps alternate (A, B, A, B, ...), then their parts do, so that a change of
-the machine's load affects them alike. --attack_precision=mixed_bfloat16 with --precision=float32 runs the attack's
-student passes and the teachers in bfloat16 and the student's update in float32 (Trainer's attack_precision).
---profile_dir traces one more step of each configuration (mtard_tf.profiling) and adds `profile` to its line: the
+the machine's load affects them alike. --profile_dir traces one more step of each configuration (mtard_tf.profiling) and adds `profile` to its line: the
 trace file, the op time of each part of the step (`op_ms_by_part`, by the train step's name scopes) and the top op
 types (`top_op_types_ms`).
 
@@ -58,10 +56,7 @@ flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.", lo
 flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure (one JSON line each).")
 flags.DEFINE_list("precision", ["float32"], "Keras dtype policies of the models (float32, mixed_float16, "
-                  "mixed_bfloat16, or auto as mtard_tf.main resolves it); with --attack_precision, each pair is one "
-                  "configuration.")
-flags.DEFINE_list("attack_precision", ["same"], "Dtype policies of the attack's student passes and the teachers: "
-                  "same (the --precision) or a policy (the student's update stays in --precision).")
+                  "mixed_bfloat16, or auto as mtard_tf.main resolves it), one configuration each.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the device's rate.")
 flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), alternating "
                   "with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.")
@@ -148,7 +143,6 @@ class Setup:
     steps: int
     precision: str
     compare_torch: bool = False
-    attack_precision: str = "same"
 
 
 LEARNING_RATE = 0.1
@@ -167,9 +161,7 @@ def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3))
             student = models.build_model(setup.student, num_classes, image_shape)
             clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
             robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
-            attack_precision = None if setup.attack_precision == "same" else setup.attack_precision
-            distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps,
-                                  attack_precision=attack_precision)
+            distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
             distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
                               jit_compile=jit_compile)
     finally:
@@ -278,7 +270,7 @@ class Measurement:
                        "robust_teacher": setup.robust_teacher, "batch_size": batch,
                        "attack_steps": setup.attack_steps, "replicas": self.strategy.num_replicas_in_sync,
                        "jit_compile": self.jit_compile, "precision": setup.precision,
-                       "attack_precision": setup.attack_precision, "device": "GPU" if gpu else "CPU"},
+                       "device": "GPU" if gpu else "CPU"},
             "images_per_s": round(batch / seconds_per_step, 2),
             "ms_per_step": round(1000 * seconds_per_step, 1),
         }
@@ -333,8 +325,8 @@ def measure(setups, jit_compile, strategy, matmul_rates, profile_dir=None):
 
 
 def label(setup, jit_compile):
-    """A configuration's name, e.g. "float32-attack_mixed_bfloat16-xla_off"."""
-    return f"{setup.precision}-attack_{setup.attack_precision}-xla_{'on' if jit_compile else 'off'}"
+    """A configuration's name, e.g. "mixed_bfloat16-xla_off"."""
+    return f"{setup.precision}-xla_{'on' if jit_compile else 'off'}"
 
 
 def gpu_reset():
@@ -365,38 +357,21 @@ def import_torch_passively_waiting():
     import torch  # noqa: F401
 
 
-def precision_pairs(precisions, attack_precisions):
-    """(precision, attack precision) for each of precisions x attack_precisions, an attack precision equal to its
-    precision written "same" (what it computes), each pair once, in order."""
-    pairs = []
-    for precision in precisions:
-        for attack_precision in attack_precisions:
-            pair = (precision, "same" if attack_precision == precision else attack_precision)
-            if pair not in pairs:
-                pairs.append(pair)
-    return pairs
-
-
-def configurations():
-    """The (precision, attack precision) pairs of --precision x --attack_precision, an attack precision equal to its
-    --precision written "same" (what it computes), each pair once; or a one-line error message."""
+def precisions():
+    """The distinct --precision values, in order; or a one-line error message."""
     from mtard_tf.config import PRECISIONS
-    for name, values, allowed in (("precision", FLAGS.precision, ("auto", *PRECISIONS)),
-                                  ("attack_precision", FLAGS.attack_precision, ("same", *PRECISIONS))):
-        unknown = [value for value in values if value not in allowed]
-        if unknown or not values:
-            return f"--{name}={','.join(values)}: expected a list of {', '.join(allowed)}"
-    pairs = precision_pairs(FLAGS.precision, FLAGS.attack_precision)
-    if FLAGS.compare_torch and any(attack != "same" for _, attack in pairs):
-        return "--compare_torch needs --attack_precision=same (the PyTorch step computes in one precision)"
-    return pairs
+    allowed = ("auto", *PRECISIONS)
+    unknown = [value for value in FLAGS.precision if value not in allowed]
+    if unknown or not FLAGS.precision:
+        return f"--precision={','.join(FLAGS.precision)}: expected a list of {', '.join(allowed)}"
+    return list(dict.fromkeys(FLAGS.precision))
 
 
 def main(argv):
     del argv
-    pairs = configurations()
-    if isinstance(pairs, str):
-        print(f"error: {pairs}", file=sys.stderr)
+    policies = precisions()
+    if isinstance(policies, str):
+        print(f"error: {policies}", file=sys.stderr)
         return 1
     if FLAGS.compare_torch:
         try:
@@ -414,11 +389,10 @@ def main(argv):
     distribute.set_cpu_replicas(FLAGS.cpu_replicas)
     strategy = distribute.make_strategy()
     # "auto" as mtard_tf.main resolves it, on this device
-    pairs = precision_pairs([distribute.resolve_precision(precision)[0] for precision in FLAGS.precision],
-                            FLAGS.attack_precision)
+    policies = list(dict.fromkeys(distribute.resolve_precision(policy)[0] for policy in policies))
     setups = [Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
-                    FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, precision, FLAGS.compare_torch, attack_precision)
-              for precision, attack_precision in pairs]
+                    FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, policy, FLAGS.compare_torch)
+              for policy in policies]
     if FLAGS.batch_size % strategy.num_replicas_in_sync:
         print(f"error: batch size {FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
               file=sys.stderr)
@@ -427,8 +401,8 @@ def main(argv):
         import torch
         torch.set_num_threads(tensorflow_intra_op_threads())
     matmul_rates = {}
-    for policy in ("float32", *(policy for pair in pairs for policy in pair)):
-        dtype = keras.mixed_precision.Policy(policy).compute_dtype if policy != "same" else "float32"
+    for policy in ("float32", *policies):
+        dtype = keras.mixed_precision.Policy(policy).compute_dtype
         if dtype not in matmul_rates:
             matmul_rates[dtype] = matmul_flops_per_second(FLAGS.matmul_size, dtype)
     step_rates = []

@@ -90,11 +90,6 @@ class RuntimeConfig:
                             "an AVX512-BF16 CPU). Evaluation and export compute in float32 whatever the training precision (see "
                             "--export_precision).",
                             choices=("auto", *PRECISIONS))
-    attack_precision: str = option("same", "Dtype policy of the training attack's student passes and of the "
-                                   "teachers: same: the student's --precision for the attack, and each teacher the "
-                                   "precision it was saved with; or a policy, e.g. mixed_bfloat16 with --precision="
-                                   "float32 (16-bit attack and teachers, float32 student update). The validation "
-                                   "attack computes in --precision.", choices=("same", *PRECISIONS))
     jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")

@@ -38,8 +38,6 @@ class Distiller(Trainer):
         self.robust_teacher = robust_teacher
         for teacher in (clean_teacher, robust_teacher):
             teacher.trainable = False
-        self.clean_inference = self.inference_view(clean_teacher)
-        self.robust_inference = self.inference_view(robust_teacher)
         self.balance = balance
         self.kl_scale = float(kl_scale)
         self.weight_rate = weight_rate
@@ -91,8 +89,8 @@ class Distiller(Trainer):
 
     def teacher_targets(self, images, images_adv, temperature_adv, temperature_nat):
         """p_a = softmax(T_a(x') / tau_a), p_n = softmax(T_n(x) / tau_n), teachers frozen in inference mode."""
-        return (losses.teacher_probabilities(self.robust_inference(images_adv), temperature_adv),
-                losses.teacher_probabilities(self.clean_inference(images), temperature_nat))
+        return (losses.teacher_probabilities(self.robust_teacher(images_adv, training=False), temperature_adv),
+                losses.teacher_probabilities(self.clean_teacher(images, training=False), temperature_nat))
 
     def update_student(self, images, images_adv, probs_adv, probs_nat, step):
         """Distillation losses (student in training mode), loss weights from them, one SGD step on the student.

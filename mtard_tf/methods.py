@@ -96,8 +96,8 @@ class AdversarialTrainer(Trainer):
             self.minimize(tape, per_example)
             return self.step_logs(learning_rate, loss=per_example)
 
-        clean_logits = tf.stop_gradient(self.attack_model(images))
-        images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.attack_model(x)),
+        clean_logits = tf.stop_gradient(self.model(images, training=False))
+        images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.model(x, training=False)),
                                  images, attacks.normal_start(images, self.attack_noise(images)))
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
@@ -116,7 +116,6 @@ class _SingleTeacherTrainer(Trainer):
         super().__init__(student, **kwargs)
         self.teacher = teacher
         teacher.trainable = False
-        self.teacher_inference = self.inference_view(teacher)
 
     @property
     def student(self):
@@ -137,7 +136,7 @@ class ARDTrainer(_SingleTeacherTrainer):
         learning_rate = self.current_learning_rate()
         start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
         images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
-        teacher_logits = self.teacher_inference(images)
+        teacher_logits = self.teacher(images, training=False)
         with tf.GradientTape() as tape:
             adv_logits = self.student(images_adv, training=True)
             logits = self.student(images, training=True)
@@ -160,9 +159,9 @@ class RSLADTrainer(_SingleTeacherTrainer):
         images, labels = data
         images = tf.cast(images, tf.float32)
         learning_rate = self.current_learning_rate()
-        teacher_logits = self.teacher_inference(images)
+        teacher_logits = self.teacher(images, training=False)
         images_adv = self.attack(
-            lambda x: losses.kl_divergence(teacher_logits, self.attack_model(x)), images,
+            lambda x: losses.kl_divergence(teacher_logits, self.student(x, training=False)), images,
             attacks.normal_start(images, self.attack_noise(images)))
         with tf.GradientTape() as tape:
             adv_logits = self.student(images_adv, training=True)
@@ -187,10 +186,10 @@ class AdaADTrainer(_SingleTeacherTrainer):
         images = tf.cast(images, tf.float32)
         learning_rate = self.current_learning_rate()
         images_adv = self.attack(
-            lambda x: losses.kl_divergence(self.teacher_inference(x), self.attack_model(x)),
+            lambda x: losses.kl_divergence(self.teacher(x, training=False), self.student(x, training=False)),
             images, attacks.normal_start(images, self.attack_noise(images)))
-        teacher_nat = self.teacher_inference(images)
-        teacher_adv = self.teacher_inference(images_adv)
+        teacher_nat = self.teacher(images, training=False)
+        teacher_adv = self.teacher(images_adv, training=False)
         with tf.GradientTape() as tape:
             logits = self.student(images, training=True)
             adv_logits = self.student(images_adv, training=True)

@@ -487,42 +487,12 @@ def with_dtype_policy(model, policy="float32"):
     would otherwise be evaluated (attack gradients included) and served in 16 bits."""
     if all(layer.dtype_policy.name == policy for layer in model.layers):
         return model
-    clone = _clone_with_policies(model, lambda layer: policy)
+
+    def clone_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": policy})
+
+    clone = keras.models.clone_model(model, clone_function=clone_layer)
     clone.set_weights(model.get_weights())
     clone.trainable = model.trainable
     return clone
 
-
-def _clone_with_policies(model, policy_of):
-    """A clone of `model`'s architecture (with new variables) whose layer made from `layer` has the dtype policy
-    policy_of(layer)."""
-    def clone_layer(layer):
-        return layer.__class__.from_config({**layer.get_config(), "dtype": policy_of(layer)})
-    return keras.models.clone_model(model, clone_function=clone_layer)
-
-
-class InferenceView:
-    """`model` in inference mode computing under the Keras dtype `policy` (None: as `model` itself does), with
-    `model`'s own variables at every call: a clone of its architecture whose layers have `policy`, except the layers
-    that compute the outputs (the float32 classifier), run on `model`'s variables through a keras.StatelessScope.
-    A plain object (not a Keras layer), so nothing that tracks a model's layers or checkpoints its variables sees it.
-    """
-
-    def __init__(self, model, policy=None):
-        self.model = model
-        self.clone = None
-        outputs = {id(output._keras_history.operation) for output in model.outputs}
-        if policy is None or all(layer.dtype_policy.name == policy for layer in model.layers
-                                 if id(layer) not in outputs and not isinstance(layer, keras.layers.InputLayer)):
-            return
-        self.clone = _clone_with_policies(model, lambda layer: layer.dtype_policy.name if id(layer) in outputs
-                                          else policy)
-        self.mapping = list(zip(self.clone.variables, model.variables))
-        if len(self.clone.variables) != len(model.variables) or any(a.shape != b.shape for a, b in self.mapping):
-            raise ValueError(f"the clone of {model.name} does not have its variables")
-
-    def __call__(self, images):
-        if self.clone is None:
-            return self.model(images, training=False)
-        with keras.StatelessScope(state_mapping=self.mapping):
-            return self.clone(images, training=False)

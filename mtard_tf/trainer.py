@@ -2,8 +2,6 @@
 
 A subclass writes `train_step` top to bottom like its paper's algorithm box, and uses:
   - `attack_noise` / `attack`: the training PGD (MTARD mtard/mtard_loss.py) with replica-independent random starts;
-  - `attack_model` / `inference_view`: the model, and frozen teachers, in inference mode as the attack and the
-    teachers' targets compute them (in `attack_precision` if given);
   - `minimize`: the SGD update of per-example losses, correctly scaled across replicas, with PyTorch-style
     (coupled) L2 weight decay;
   - the shared `test_step`: clean accuracy and, if `eval_attack_steps` > 0, PGD-SAT accuracy.
@@ -12,7 +10,7 @@ A subclass writes `train_step` top to bottom like its paper's algorithm box, and
 import keras
 import tensorflow as tf
 
-from mtard_tf import attacks, keras_repairs, losses, models
+from mtard_tf import attacks, keras_repairs, losses
 
 
 def global_mean(per_example):
@@ -54,8 +52,7 @@ class Trainer(keras.Model):
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(self, model, *, epsilon=8 / 255, attack_steps=10, attack_step_size=2 / 255,
-                 weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, attack_precision=None,
-                 **kwargs):
+                 weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.epsilon = float(epsilon)
@@ -65,8 +62,6 @@ class Trainer(keras.Model):
         self.eval_attack_steps = int(eval_attack_steps)
         self.eval_step_size = float(eval_step_size)
         self.seed = int(seed)
-        self.attack_precision = attack_precision
-        self.attack_model = self.inference_view(model)
         self.state_names = []
         self.clean_accuracy = keras.metrics.SparseCategoricalAccuracy(name="clean_accuracy")
         self.pgd_accuracy = keras.metrics.SparseCategoricalAccuracy(name="pgd_accuracy")
@@ -92,15 +87,9 @@ class Trainer(keras.Model):
     def call(self, images, training=False):
         return self.model(images, training=training)
 
-    def inference_view(self, model):
-        """`model` in inference mode, computing in `attack_precision` (None: in its own): models.InferenceView."""
-        return models.InferenceView(model, self.attack_precision)
-
-    def cross_entropy_objective(self, labels, model=None):
-        """Cross-entropy of `model` (default: the attack's view of the trained model), a callable of images in
-        inference mode: the objective of SAT-style PGD."""
-        model = self.attack_model if model is None else model
-        return lambda images: losses.cross_entropy(labels, model(images))
+    def cross_entropy_objective(self, labels):
+        """Cross-entropy of the model in inference mode: the objective of SAT-style PGD."""
+        return lambda images: losses.cross_entropy(labels, self.model(images, training=False))
 
     def attack_noise(self, images, sample=standard_normal, stream=0):
         """Noise for this step's attack start, a function of (seed, stream, optimizer step) only."""
@@ -150,9 +139,7 @@ class Trainer(keras.Model):
                 tf.cast(self.validation_batches.result(), tf.int64))
             self.validation_batches.update_state(1.0)
             start = attacks.uniform_start(images, replica_noise(symmetric_uniform, images, seed), self.epsilon)
-            # In the model's own precision, whatever the training attack's.
-            objective = self.cross_entropy_objective(labels, models.InferenceView(self.model))
-            images_adv = attacks.pgd(objective, images, start, epsilon=self.epsilon, step_size=self.eval_step_size,
-                                     steps=self.eval_attack_steps)
+            images_adv = attacks.pgd(self.cross_entropy_objective(labels), images, start, epsilon=self.epsilon,
+                                     step_size=self.eval_step_size, steps=self.eval_attack_steps)
             self.pgd_accuracy.update_state(labels, self.model(images_adv, training=False))
         return {metric.name: metric.result() for metric in self.metrics if metric is not self.validation_batches}

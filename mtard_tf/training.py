@@ -112,8 +112,7 @@ def _build_trainer(config, strategy, method, network, frozen, learning_rate, sch
     trainer = methods.get_method(method).build(
         network, frozen, config, schedule, epsilon=attack.epsilon, attack_steps=attack.steps,
         attack_step_size=attack.step_size, weight_decay=config.schedule.weight_decay,
-        eval_attack_steps=eval_attack_steps, seed=config.runtime.seed,
-        attack_precision=None if config.runtime.attack_precision == "same" else config.runtime.attack_precision)
+        eval_attack_steps=eval_attack_steps, seed=config.runtime.seed)
     trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=config.schedule.momentum),
                     jit_compile=distribute.use_xla(strategy, config.runtime.jit_compile))
     return trainer

@@ -88,11 +88,10 @@ def test_compare_torch_without_torch_is_one_error_line(tmp_path):
     assert len(errors) == 1 and "--compare_torch needs torch" in errors[0], result.stderr[-2000:]
 
 
-def test_attack_precisions_side_by_side_each_with_a_profile(tmp_path):
-    records = _records(_run(*TINY, "--attack_precision=same,mixed_bfloat16,float32", f"--profile_dir={tmp_path}"))
-    # float32 for the attack of a float32 run is "same": measured once.
-    assert [(r["config"]["precision"], r["config"]["attack_precision"]) for r in records] == [
-        ("float32", "same"), ("float32", "mixed_bfloat16")]
+def test_precisions_side_by_side_each_with_a_profile(tmp_path):
+    records = _records(_run(*TINY, "--precision=float32,mixed_bfloat16,float32", f"--profile_dir={tmp_path}"))
+    # A repeated precision is measured once.
+    assert [r["config"]["precision"] for r in records] == ["float32", "mixed_bfloat16"]
     for record in records:
         profile = record["profile"]
         assert profile["trace"].startswith(os.path.join(str(tmp_path), "")) and os.path.isfile(profile["trace"])
@@ -103,8 +102,7 @@ def test_attack_precisions_side_by_side_each_with_a_profile(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["--precision=float64"], "--precision=float64: expected a list of auto, float32, mixed_float16, mixed_bfloat16"),
-    (["--attack_precision=bf16"], "--attack_precision=bf16: expected a list of same, float32"),
-    (["--attack_precision=mixed_bfloat16", "--compare_torch"], "--compare_torch needs --attack_precision=same"),
+    (["--precision=float32,bf16"], "--precision=float32,bf16: expected a list of auto, float32"),
 ])
 def test_bad_precisions_are_one_error_line(flags, message):
     result = _run(*TINY, *flags)

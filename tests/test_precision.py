@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from mtard_tf import config as config_lib
 from mtard_tf import distribute, models
@@ -55,59 +54,5 @@ def test_auto_precision_flag_and_export_precision_flag_exist():
     assert config_lib.Config().export.precision == "float32"
 
 
-def _built_under(policy, weights):
-    """resnet18:width=2,blocks=1 built under the global dtype `policy`, with `weights`."""
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        model = models.build_model("resnet18:width=2,blocks=1", 10)
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-    model.set_weights(weights)
-    return model
-
-
-def test_inference_view_computes_as_the_model_built_in_its_policy_with_the_current_weights():
-    keras.utils.set_random_seed(0)
-    model = models.build_model("resnet18:width=2,blocks=1", 10)
-    images = np.random.default_rng(0).uniform(0, 1, (4, 32, 32, 3)).astype(np.float32)
-    view = models.InferenceView(model, "mixed_bfloat16")
-    for _ in range(2):  # the view reads the model's variables at each call: it follows their updates
-        in_bfloat16 = _built_under("mixed_bfloat16", model.get_weights())
-        logits = view(images)
-        assert logits.dtype == "float32"  # the classifier keeps its float32 policy
-        np.testing.assert_array_equal(logits.numpy(), in_bfloat16(images, training=False).numpy())
-        assert np.abs(logits.numpy() - model(images, training=False).numpy()).max() > 1e-4
-        model.set_weights([w * 1.5 for w in model.get_weights()])
-    np.testing.assert_array_equal(models.InferenceView(model)(images).numpy(), model(images, training=False).numpy())
-    # A bfloat16 model viewed in float32 computes as the float32 model.
-    as_float32 = models.InferenceView(_built_under("mixed_bfloat16", model.get_weights()), "float32")
-    np.testing.assert_array_equal(as_float32(images).numpy(), model(images, training=False).numpy())
-
-
-def test_attack_precision_computes_attack_and_teachers_in_it_and_updates_the_float32_student():
-    from test_distiller import initial_weights, make_distiller, random_batches
-
-    weights = initial_weights()
-    plain = make_distiller(tf.distribute.get_strategy(), weights)
-    mixed = make_distiller(tf.distribute.get_strategy(), weights, attack_precision="mixed_bfloat16")
-    assert len(mixed.trainable_variables) == len(plain.trainable_variables)  # the views add no variables
-    assert len(mixed.variables) == len(plain.variables)
-    images, labels = next(iter(random_batches()))
-    one = tf.constant(1.0)
-    for name, run in (("attack objective", lambda d: [d.cross_entropy_objective(labels)(images)]),
-                      ("teacher targets", lambda d: d.teacher_targets(images, images, one, one))):
-        for a, b in zip(run(mixed), run(plain)):
-            assert np.abs(a.numpy() - b.numpy()).max() > 1e-6, f"{name}: not computed in 16 bits"
-            np.testing.assert_allclose(a.numpy(), b.numpy(), atol=0.05, err_msg=name)
-    history = mixed.fit(random_batches(), epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"]).all()
-    assert {v.dtype for v in mixed.student.variables} == {"float32"}
-    assert {layer.compute_dtype for layer in mixed.student.layers} == {"float32"}  # the update's passes
-    np.testing.assert_array_equal(mixed.attack_model(images).numpy(),
-                                  models.InferenceView(mixed.student, "mixed_bfloat16")(images).numpy())
-
-
-def test_attack_precision_and_profile_flags():
-    assert config_lib.Config().runtime.attack_precision == "same"
+def test_profile_flags():
     assert (config_lib.Config().runtime.profile_dir, config_lib.Config().runtime.profile_step) == ("", 2)
-    assert config_lib.make(attack_precision="mixed_bfloat16").runtime.attack_precision == "mixed_bfloat16"
