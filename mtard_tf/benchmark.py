@@ -164,6 +164,9 @@ def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3))
             distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
             distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
                               jit_compile=jit_compile)
+            # Keras' fit builds the optimizer before its first step; the benchmark calls the step itself, and under
+            # several replicas slot variables created inside the step function fail.
+            distiller.optimizer.build(distiller.model.trainable_variables)
     finally:
         keras.mixed_precision.set_global_policy(previous)
     return distiller

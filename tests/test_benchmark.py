@@ -100,6 +100,13 @@ def test_precisions_side_by_side_each_with_a_profile(tmp_path):
         assert profile["top_op_types_ms"]
 
 
+def test_two_replicas_measure_the_step_and_skip_xla():
+    records = _records(_run(*TINY, "--cpu_replicas=2", "--jit_compile=false,true"))
+    assert records[0]["config"]["replicas"] == 2 and records[0]["images_per_s"] > 0
+    assert records[1] == {"config": {"jit_compile": True, "replicas": 2},
+                          "skipped": "XLA does not work under MirroredStrategy with several replicas"}
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--precision=float64"], "--precision=float64: expected a list of auto, float32, mixed_float16, mixed_bfloat16"),
     (["--precision=float32,bf16"], "--precision=float32,bf16: expected a list of auto, float32"),
