@@ -148,3 +148,21 @@ def final_state(model_dir):
         state = json.load(f)["state"]
     weights = keras.models.load_model(os.path.join(model_dir, "student.keras")).get_weights()
     return state, weights
+
+
+# --- float64 NumPy references of the log-softmax and of nn.KLDivLoss(reduction='none') ---------------------------
+
+
+def log_softmax(z):
+    z = np.asarray(z, np.float64)
+    shifted = z - z.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def softmax(z):
+    return np.exp(log_softmax(z))
+
+
+def kl_div_elements(log_q, p):
+    """nn.KLDivLoss(reduction='none')(log_q, p): p (log p - log_q), 0 where p = 0."""
+    return np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_q), 0.0)

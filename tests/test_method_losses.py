@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_model
+from conftest import kl_div_elements, log_softmax, softmax, tiny_model
 from mtard_tf import config as config_lib
 from mtard_tf import losses, methods
 
@@ -36,24 +36,9 @@ def random_batch(num_classes, seed=0):
 # --- NumPy transcriptions (float64) of the PyTorch operations the reference code uses ---------------------------
 
 
-def log_softmax(z):
-    z = np.asarray(z, np.float64)
-    shifted = z - z.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
-def softmax(z):
-    return np.exp(log_softmax(z))
-
-
 def cross_entropy_elements(logits, labels):
     """-log softmax(z)_y per example (F.cross_entropy with reduction='none')."""
     return -log_softmax(logits)[np.arange(len(labels)), labels]
-
-
-def kl_div_elements(log_q, p):
-    """nn.KLDivLoss(reduction='none')(log_q, p): p (log p - log_q), 0 where p = 0."""
-    return np.where(p > 0, p * (np.log(np.where(p > 0, p, 1.0)) - log_q), 0.0)
 
 
 def mtard_kl_loss(a, b):
