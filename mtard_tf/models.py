@@ -120,6 +120,13 @@ class _Builder:
             else:
                 pad = kernel_size // 2 if stride_padding is None else stride_padding
                 x = keras.layers.ZeroPadding2D(pad, name=self.name(path) + "_pad")(x)
+        elif stride > 1:
+            # A 1x1 conv of stride s reads x[:, ::s, ::s] only: subsample first, then a 1x1 conv of stride 1. Same
+            # function, same kernel (imported and saved weights are unchanged), but it keeps the model away from
+            # oneDNN's filter gradient of a strided 1x1 conv, which corrupts memory on narrow inputs of 56x56 and
+            # more (TF 2.21; docs/onednn_strided_1x1_crash.py reproduces it).
+            x = keras.layers.MaxPooling2D(1, strides=stride, name=self.name(path) + "_subsample")(x)
+            stride = 1
         return keras.layers.Conv2D(
             filters, kernel_size, strides=stride, padding=padding, use_bias=use_bias,
             kernel_initializer="he_normal", name=self.name(path))(x)
