@@ -318,7 +318,12 @@ def _check_dm_wide_resnet(depth, width, activation, normalize):
 def _dm_wide_resnet(name, num_classes, input_shape, sync_batchnorm, depth=70, width=16, activation="swish",
                     normalize="cifar10"):
     """DeepMind's WideResNet. Its stride-2 conv_0 sees F.pad(x, (0, 1, 0, 1)): one zero row and column at the bottom
-    and right (TensorFlow's SAME on even sizes), where PyTorch's padding=1 pads all sides."""
+    and right (TensorFlow's SAME on even sizes), where PyTorch's padding=1 pads all sides. On an odd size that conv
+    gives (n - 1) / 2 rows and the 1x1 shortcut (n + 1) / 2, which cannot be added (the reference fails alike): both
+    stride-2 groups need even sizes, so the input's height and width must be multiples of 4."""
+    if any(size is not None and size % 4 for size in input_shape[:2]):
+        raise ModelSpecError(f"dm_wrn needs an input height and width that are multiples of 4 (its stride-2 "
+                             f"convolutions pad only the bottom and right), got {input_shape[0]}x{input_shape[1]}")
     return _preact_wide_resnet(name, num_classes, input_shape, _Builder(sync_batchnorm, DM_BN_MOMENTUM), normalize,
                                depth, width, _DM_WRN_NAMES, activation, stride_padding=((0, 1), (0, 1)))
 

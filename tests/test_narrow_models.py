@@ -1,0 +1,70 @@
+"""Narrow networks on large images train without a native crash (oneDNN's strided 1x1 filter gradient corrupted
+memory for them: docs/onednn_strided_1x1_crash.py), and the strided 1x1 projection is the same function as before."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from mtard_tf import models
+
+# Each of these died with a segmentation fault or "malloc(): corrupted top size" in its first training steps on
+# 64x64 images while the projection was a 1x1 convolution of stride 2.
+NARROW_SPECS = [
+    "resnet18:width=1,blocks=1", "resnet18:width=2,blocks=1", "resnet18:width=4,blocks=1", "resnet18:width=8,blocks=1",
+    "wrn34_10:depth=10,widen=1", "mobilenetv2:width_multiplier=0.25,max_blocks=1", "cifar_resnet:depth=8,width=2",
+    "dm_wrn:depth=10,width=1",
+]
+
+# Trains each (spec, image size, channels) a few SAT steps (PGD in the step: input and weight gradients) and prints
+# one JSON line of losses. Runs in a subprocess: a native crash there is an exit status here, not a dead test run.
+TRAIN_SCRIPT = """
+import json, sys
+import keras, numpy as np
+from mtard_tf import methods, models
+for spec, size, channels in json.loads(sys.argv[1]):
+    model = models.build_model(spec, 10, (size, size, channels))
+    trainer = methods.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(8, size, size, channels)).astype("float32")
+    history = trainer.fit(images, rng.integers(0, 10, 8), batch_size=4, epochs=1, verbose=0)
+    print(json.dumps([spec, size, history.history["loss"]]), flush=True)
+"""
+
+
+def train_in_subprocess(configurations):
+    result = subprocess.run([sys.executable, "-c", TRAIN_SCRIPT, json.dumps(configurations)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+
+
+def test_narrow_registry_models_train_on_64x64_images():
+    configurations = [[spec, 64, 3] for spec in NARROW_SPECS] + [["resnet18:width=2,blocks=1", 96, 1]]
+    trained = train_in_subprocess(configurations)
+    assert [[spec, size] for spec, size, _ in trained] == [[spec, size] for spec, size, _ in configurations]
+    for spec, size, losses in trained:
+        assert losses and all(np.isfinite(losses)), (spec, size, losses)
+
+
+def test_strided_projection_is_a_strided_1x1_convolution():
+    model = models.build_model("resnet18:width=4,blocks=1", 10, (33, 33, 3))
+    projection = model.get_layer("layer2_0_shortcut_0")
+    assert projection.strides == (1, 1) and projection.kernel.shape == (1, 1, 4, 8)
+    inputs = tf.random.normal([2, 33, 33, 4], seed=1)
+    subsampled = model.get_layer("layer2_0_shortcut_0_subsample")(inputs)
+    expected = tf.nn.conv2d(inputs, projection.kernel, strides=2, padding="VALID")
+    np.testing.assert_array_equal(projection(subsampled).numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("size", [33, 34])
+def test_dm_wrn_refuses_sizes_its_padding_cannot_add(size):
+    with pytest.raises(models.ModelSpecError, match="multiples of 4"):
+        models.build_model("dm_wrn:depth=10,width=1", 10, (size, size, 3))
