@@ -93,6 +93,9 @@ class RuntimeConfig:
     jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
+    deterministic: bool = option(False, "Bit-identical weights from two runs of the same command on the same machine "
+                                 "(tf.config.experimental.enable_op_determinism: deterministic kernels, tf.data "
+                                 "in order); an op without a deterministic kernel is an error. Slower.")
     log_every_n_steps: int = option(1, "TensorBoard scalars every N training steps.", lower=1)
     checkpoint_every_n_steps: int = option(0, "Also checkpoint every N training steps (0: at epoch ends only).",
                                            lower=0)
@@ -434,6 +437,24 @@ def from_flags(flag_values, names=None):
             base, element = _base_type(option_.type)
             values[option_.name] = _convert(flag_values[option_.name].value, base, element)
     return replace(Config(), **values)
+
+
+def check_split_sizes(config, num_train, num_test, test_split):
+    """Raises ConfigError where the run asks for more images than the dataset's splits hold (a clamp would report
+    on fewer images than asked, unsaid): --num_eval_examples or best_test's --select_examples against the
+    evaluation split, best_holdout's --holdout_examples against the train split (one image at least stays to train
+    on) and its --select_examples against the holdout."""
+    selection, name = config.selection, config.data.dataset
+    limits = [("num_eval_examples", config.eval.num_examples, num_test, f"the {test_split} split of '{name}'")]
+    if selection.select == "best_test":
+        limits.append(("select_examples", selection.examples, num_test, f"the {test_split} split of '{name}'"))
+    if selection.select == "best_holdout":
+        limits.append(("holdout_examples", selection.holdout_examples, num_train - 1,
+                       f"the train split of '{name}' less one image to train on"))
+        limits.append(("select_examples", selection.examples, selection.holdout_examples, "the holdout"))
+    for flag, count, limit, what in limits:
+        if count is not None and count > limit:
+            raise ConfigError(f"--{flag}={count} asks for more images than {what} holds ({limit})")
 
 
 def read_flagfile(path):

@@ -84,7 +84,12 @@ def use_xla(strategy, requested="auto"):
     """
     if requested != "auto":
         return requested == "true"
-    return strategy.num_replicas_in_sync == 1 and bool(tf.config.list_logical_devices("GPU"))
+    return strategy.num_replicas_in_sync == 1 and has_accelerator()
+
+
+def has_accelerator():
+    """Whether a GPU computes (else the CPU does)."""
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def native_bfloat16():

@@ -104,13 +104,18 @@ def next_version(model_dir_for_name: str) -> int:
 def claim_version(export_dir, model_name, version=None):
     """(the model's base directory, created if missing; the version to write): `version`, or the next free one.
 
-    Raises ExportError for a bad model name or version, or a version that exists already (in either format).
+    Raises ExportError for a bad model name or version, a version that exists already (in either format), or an
+    export_dir where the directory cannot be made (e.g. a file).
     """
     if not isinstance(model_name, str) or not _MODEL_NAME_RE.match(model_name):
         raise ExportError(f"model_name must match {_MODEL_NAME_RE.pattern} (it is a directory and a URL part); "
                          f"got {model_name!r}")
     model_dir = os.path.abspath(os.path.join(export_dir, model_name))
-    os.makedirs(model_dir, exist_ok=True)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as error:
+        raise ExportError(f"cannot create {model_dir} under --export_dir={export_dir}: "
+                          f"{error.strerror or error}") from error
     if version is None:
         return model_dir, next_version(model_dir)
     if isinstance(version, bool) or int(version) != version or version < 1:

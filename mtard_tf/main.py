@@ -2,7 +2,7 @@
 
 import os
 
-from absl import app, flags
+from absl import flags
 
 from mtard_tf import config, startup
 
@@ -53,8 +53,7 @@ def run_mode(mode, run_config, teacher=None, model=None):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # startup.parse_flags refuses positional arguments
     mode, teacher, model = FLAGS.mode, FLAGS.teacher, FLAGS.model
     return startup.run_command(lambda: config.from_flags(FLAGS),
                                lambda run_config: run_mode(mode, run_config, teacher, model),
@@ -63,7 +62,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import time
 import tensorflow as tf
 
 from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, methods, models, plot, teachers
-from mtard_tf import tflite, training
+from mtard_tf import tflite, training, wall_time
 from mtard_tf.distiller import BALANCES
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
@@ -273,11 +273,33 @@ class StageTimer:
         return result
 
 
+def plan(config):
+    """(stage, what it will do) for each stage of run_all: a file it reuses, or the training's steps; each training
+    prints its estimated wall time after its first steps (wall_time.WallTimeEstimate)."""
+    info = data.load_info(config.data.dataset, config.data.data_dir)
+    steps = training.steps_per_epoch(config, info)
+    stages = []
+    for kind in ("clean", "robust"):
+        teacher = config.teacher(kind)
+        path = teacher.file or training.teacher_path(config.runtime.model_dir, kind)
+        stages.append((f"{kind} teacher", f"use {path}" if teacher.file or os.path.exists(path) else
+                       f"train {teacher.arch} ({teacher.method}), {teacher.epochs} epochs x {steps} steps"))
+    student = os.path.join(config.runtime.model_dir, "student.keras")
+    stages.append(("student", f"use {student}" if os.path.exists(student) else
+                   f"train {config.student} with {config.method}, {config.schedule.epochs} epochs x {steps} steps"))
+    images = f"the first {config.eval.num_examples}" if config.eval.num_examples else f"all {info.num_test}"
+    stages.append(("evaluation", f"teachers ({', '.join(TEACHER_ATTACKS)}) and student "
+                                 f"({', '.join(config.eval.attacks)}) on {images} {info.test_split} images"))
+    stages.append(("export", f"{config.export.format} under {config.export.export_dir}/{config.export.model_name}"))
+    return stages
+
+
 def run_all(config, strategy):
     """Teachers -> student -> evaluation -> export; prints and returns a summary.
 
     On a multi-worker run every worker trains; the chief alone then evaluates and exports.
     """
+    print("\n".join(wall_time.plan_lines(plan(config))), flush=True)
     timed = StageTimer()
     clean_path = timed("clean teacher", teacher_stage, config, "clean", strategy)
     robust_path = timed("robust teacher", teacher_stage, config, "robust", strategy)

@@ -28,7 +28,7 @@ import json
 import os
 import time
 
-from absl import app, flags
+from absl import flags
 
 from mtard_tf import config as config_lib, files, startup
 from mtard_tf.errors import UserError
@@ -590,8 +590,7 @@ def _run(run_config, methods, seeds, recipe, recipe_dir):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # startup.parse_flags refuses positional arguments
     methods = tuple(FLAGS.methods)
     seeds = tuple(int(seed) for seed in FLAGS.seeds) if FLAGS.seeds else None
     recipe, recipe_dir = FLAGS.recipe, FLAGS.recipe_dir
@@ -601,7 +600,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":

@@ -51,11 +51,43 @@ def start_tensorflow(verbose=False):
     return tf
 
 
+def parse_flags(argv):
+    """absl's flag parsing with an error as one `error:` line and exit status 1 (absl prints a FATAL line and a
+    hint): an unknown or misspelled flag (also in a --flagfile), a flagfile that cannot be read, a bad value, or a
+    positional argument (no command takes one)."""
+    from absl import flags
+    try:
+        argv = flags.FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)", file=sys.stderr)
+        sys.exit(1)
+    return argv
+
+
+def run_app(main):
+    """absl.app.run(main) with parse_flags: every command's entry point."""
+    from absl import app
+    app.run(main, flags_parser=parse_flags)
+
+
+@contextlib.contextmanager
+def _writing_to(model_dir):
+    from mtard_tf.errors import UserError
+    try:
+        yield
+    except OSError as error:
+        raise UserError(f"cannot write to --model_dir={model_dir}: {error.strerror or error}") from error
+
+
 def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
     """The common frame of a training command: config = make_config() (the entry point's flags), printed alone with
     `dry_run`; else TensorFlow started quietly, the CPU split into `config.runtime.cpu_replicas` devices, the dtype
-    policy set (before any model is built; what `auto` chose is said when the command `trains`), the configuration written to `<model_dir>/config.json`, the dataset
-    prepared, then body(config). A UserError is one `error:` line and exit status 1; anything else is a defect and
+    policy set (before any model is built; what `auto` chose is said when the command `trains`), the dataset
+    prepared and the image counts checked against its splits, the configuration written to
+    `<model_dir>/config.json`, then body(config). A UserError is one `error:` line and exit status 1; anything else is a defect and
     keeps its traceback. Returns the exit status."""
     from absl import logging
 
@@ -72,7 +104,10 @@ def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
         return 0
     if not verbose:
         logging.set_verbosity(logging.WARNING)  # library INFO logs (tfds) drown the progress bar
-    start_tensorflow(verbose)
+    tf = start_tensorflow(verbose)
+    if config.runtime.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        print("deterministic: TensorFlow's op determinism is on (deterministic kernels, tf.data in order)")
     import keras
 
     from mtard_tf import config as config_lib, data, distribute
@@ -85,12 +120,15 @@ def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
     keras.mixed_precision.set_global_policy(precision)
     try:
         model_dir = config.runtime.model_dir
-        try:
-            os.makedirs(model_dir, exist_ok=True)
-            files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")
-        except OSError as error:
-            raise UserError(f"cannot write to --model_dir={model_dir}: {error.strerror or error}") from error
+        if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+            raise UserError(f"--model_dir={model_dir} is a file, not a directory")
+        with _writing_to(model_dir):
+            os.makedirs(model_dir, exist_ok=True)  # before the data: not a download of minutes, then this error
         data.prepare(config.data.dataset, config.data.data_dir, config.data.download, config.data.manual_dir)
+        info = data.load_info(config.data.dataset, config.data.data_dir)
+        config_lib.check_split_sizes(config, info.num_train, info.num_test, info.test_split)
+        with _writing_to(model_dir):  # after the checks: a refused run leaves the last run's config.json
+            files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")
         body(config)
     except UserError as error:
         logging.debug("error", exc_info=True)

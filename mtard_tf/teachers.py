@@ -18,6 +18,9 @@ def load_model(path, image_shape, num_classes, what="teacher"):
     """Loads a .keras model file and checks its input shape and number of classes (TeacherError otherwise)."""
     if not path:
         raise TeacherError(f"no {what} file given")
+    if os.path.isdir(path):
+        raise TeacherError(f"{what} {path} is a directory (a SavedModel?), not a .keras file: SavedModels are for "
+                           "serving and carry no Keras model to train or attack; give the .keras file it came from")
     if not os.path.isfile(path):
         raise TeacherError(f"{what} file {path} does not exist")
     if not zipfile.is_zipfile(path):

@@ -9,7 +9,7 @@ import time
 import keras
 
 from mtard_tf import (checkpointing, data, distribute, evaluation, files, methods, models, profiling, summaries,
-                      teachers)
+                      teachers, wall_time)
 from mtard_tf.config import ConfigError
 from mtard_tf.schedules import MilestoneDecay
 
@@ -43,14 +43,16 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
         print(f"train split of '{config.data.dataset}': read from disk by index (its ArrayRecord files), not held in "
               f"memory")
     validation = data.eval_dataset(config.data.dataset, config.data.data_dir, batch_size)
+    run = os.path.relpath(work_dir, config.runtime.model_dir)
+    stage = f"student ({config.method})" if run == os.curdir else f"{os.path.basename(work_dir)} teacher"
     callbacks = [
+        wall_time.WallTimeEstimate(stage, step, total, accelerator=distribute.has_accelerator()),
         checkpointing.NonFiniteLossGuard(checkpoints.directory),
         summaries.ScalarSummaries(os.path.join(output_dir, "tensorboard"), config.runtime.log_every_n_steps),
         *callbacks,  # after validation, before the epoch's checkpoint
         checkpointing.CheckpointCallback(checkpoints, config.runtime.checkpoint_every_n_steps),
     ]
     if config.runtime.profile_dir:
-        run = os.path.relpath(work_dir, config.runtime.model_dir)
         logdir = os.path.join(config.runtime.profile_dir, "student" if run == os.curdir else run)
         # First: its trace starts right before the step and stops right after it, without the other callbacks.
         callbacks.insert(0, profiling.ProfileStep(distribute.writable_dir(strategy, logdir),
@@ -102,8 +104,13 @@ def _prepare(config, strategy):
         raise ConfigError(f"batch size {batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.runtime.seed)
     info = data.load_info(config.data.dataset, config.data.data_dir)
-    steps = config.schedule.steps_per_epoch or (info.num_train - config.selection.held_out()) // batch_size
-    return info, steps
+    return info, steps_per_epoch(config, info)
+
+
+def steps_per_epoch(config, info):
+    """--steps_per_epoch, else one pass over the train split (less the holdout) in whole batches."""
+    return (config.schedule.steps_per_epoch
+            or (info.num_train - config.selection.held_out()) // config.schedule.batch_size)
 
 
 def _build_trainer(config, strategy, method, network, frozen, learning_rate, schedule, eval_attack_steps):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import IMAGE_DATASET, prepare_image_dataset
+from support import IMAGE_DATASET, prepare_image_dataset
 from mtard_tf import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

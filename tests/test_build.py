@@ -33,7 +33,7 @@ def test_every_module_and_test_has_a_target():
     assert not modules - covered, f"modules missing from BUILD: {sorted(modules - covered)}"
     assert not tests - covered, f"test files missing from BUILD: {sorted(tests - covered)}"
     test_targets = {src for t in targets.values() if t["kind"] == "py_test" for src in t["srcs"]}
-    for test_file in tests - {"tests/conftest.py"}:
+    for test_file in tests - {"tests/conftest.py", "tests/support.py"}:
         assert test_file in test_targets, f"{test_file} has no py_test target"
 
 

@@ -8,7 +8,7 @@ import sys
 import keras
 import pytest
 
-from conftest import ROOT, run_main, tiny_model
+from support import ROOT, run_main, tiny_model
 
 def test_distill_command_with_two_cpu_replicas(mock_metadata_dir, teacher_files, tmp_path):
     model_dir = tmp_path / "run"

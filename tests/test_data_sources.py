@@ -1,7 +1,7 @@
 """The train stream read from disk by index (ArrayRecord) is the in-memory stream: the same batches, after a resume,
 on each of 2 workers; the choice between the two, and the error without ArrayRecord files.
 
-The data are real tfds files the tests write (conftest.prepare_image_dataset: tensorflow-datasets' own writer, 3
+The data are real tfds files the tests write (support.prepare_image_dataset: tensorflow-datasets' own writer, 3
 tfrecord shards per split), then given their ArrayRecord copies by mtard_tf.add_array_record. Every stream is read to
 the end of a finite slice, so that no tf.data thread still reads when pytest exits (a process that exits with live
 disk streams is tested in a subprocess).
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from tensorflow.python.distribute import input_ops
 
-from conftest import IMAGE_DATASET as NAME, IMAGE_TEST_EXAMPLES as NUM_TEST, IMAGE_TRAIN_EXAMPLES as NUM_TRAIN
-from conftest import ROOT, prepare_image_dataset as prepare, write_teacher_files
+from support import IMAGE_DATASET as NAME, IMAGE_TEST_EXAMPLES as NUM_TEST, IMAGE_TRAIN_EXAMPLES as NUM_TRAIN
+from support import ROOT, prepare_image_dataset as prepare, write_teacher_files
 from mtard_tf import data
 
 BATCH = 8

@@ -12,7 +12,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from conftest import ROOT, write_mock_metadata, write_teacher_files
+from support import ROOT, write_mock_metadata, write_teacher_files
 from mtard_tf import config as config_lib, data, models
 from mtard_tf.errors import UserError
 

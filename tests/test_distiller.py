@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import tiny_model
+from support import tiny_model
 from mtard_tf import config as config_lib
 from mtard_tf import plot, training
 from mtard_tf.distiller import Distiller

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import tiny_model
+from support import tiny_model
 from mtard_tf import keras_repairs
 from mtard_tf.distiller import Distiller
 from mtard_tf.trainer import Trainer

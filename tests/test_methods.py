@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import kl_div_elements, log_softmax, softmax, tiny_model
+from support import kl_div_elements, log_softmax, softmax, tiny_model
 from mtard_tf import config as config_lib
 from mtard_tf import losses, main, methods, training
 

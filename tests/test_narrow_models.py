@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
+from support import ROOT
 from mtard_tf import models
 
 # Each of these died with a segmentation fault or "malloc(): corrupted top size" in its first training steps on

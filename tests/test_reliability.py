@@ -1,17 +1,21 @@
-"""Reliability: exact resume after SIGKILL, determinism, the non-finite-loss guard, clear errors on bad input."""
+"""Reliability: exact resume after SIGKILL, determinism (--deterministic), the non-finite-loss guard, clear errors on
+bad input, the wall-time estimate, a test run that ends with its result."""
 
 import json
 import os
+import re
 import signal
 import subprocess
+import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, final_state, main_command, run_main, tiny_model, write_teacher_files
-from mtard_tf import checkpointing, data
+from support import ROOT, final_state, main_command, run_main, tiny_model, write_teacher_files
+from mtard_tf import checkpointing, data, wall_time
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=2",
            "--steps_per_epoch=4", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
@@ -144,3 +148,70 @@ def test_unwritable_model_dir_is_a_clear_error(mock_metadata_dir, teacher_files,
     assert result.returncode != 0
     assert f"cannot write to --model_dir={blocker / 'run'}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_deterministic_runs_give_bit_identical_weights(mock_metadata_dir, teacher_files, tmp_path):
+    tiny = ["--steps_per_epoch=4", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
+            "--eval_attack_steps=1", "--deterministic"]
+    runs = {
+        "trades teacher": ["--mode=train_teacher", "--teacher=robust", "--robust_teacher_method=trades",
+                           "--robust_teacher_arch=resnet18:width=2,blocks=1", "--robust_teacher_epochs=1"],
+        "b_mtard student": ["--mode=distill", "--method=b_mtard", "--student=resnet18:width=2,blocks=1",
+                            "--epochs=2", f"--clean_teacher={teacher_files[0]}",
+                            f"--robust_teacher={teacher_files[1]}"],
+    }
+    for name, flags in runs.items():
+        weights = []
+        for run in ("a", "b"):
+            model_dir = tmp_path / name.replace(" ", "_") / run
+            result = run_main(mock_metadata_dir, *flags, *tiny, f"--model_dir={model_dir}")
+            assert result.returncode == 0, result.stderr[-3000:]
+            assert "deterministic: TensorFlow's op determinism is on" in result.stdout
+            with open(model_dir / "config.json") as f:
+                assert json.load(f)["runtime"]["deterministic"] is True
+            path = model_dir / ("teachers/robust.keras" if "teacher" in name else "student.keras")
+            weights.append(keras.models.load_model(path).get_weights())
+        assert len(weights[0]) == len(weights[1])
+        for a, b in zip(*weights):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+class FakeClock:
+    def __init__(self, step_seconds):
+        self.now, self.step_seconds = 0.0, step_seconds
+
+    def __call__(self):
+        self.now += self.step_seconds  # read at a step's begin and at its end: steps of step_seconds
+        return self.now
+
+
+@pytest.mark.parametrize("accelerator,step_seconds,expected", [
+    (False, 2.0, ["student (b_mtard): 994 steps left x 2 s per step (measured over 5 steps) = about 33.1 min of "
+                  "training here"]),
+    (False, 100.0, ["student (b_mtard): 994 steps left x 100 s per step (measured over 5 steps) = about 1.2 days "
+                    "of training here",
+                    "warning: about 1.2 days on this machine's CPU, which has no accelerator; "
+                    "--flagfile=flags/cpu_small.cfg gives a small job that runs on a 2-core CPU in under an hour"]),
+    (True, 100.0, ["student (b_mtard): 994 steps left x 100 s per step (measured over 5 steps) = about 1.2 days "
+                   "of training here"]),
+])
+def test_wall_time_estimate_after_the_first_timed_steps(capsys, accelerator, step_seconds, expected):
+    estimate = wall_time.WallTimeEstimate("student (b_mtard)", first_step=400, total_steps=1400,
+                                          accelerator=accelerator, clock=FakeClock(step_seconds))
+    for batch in range(20):  # step 1 (tracing) is not timed; steps 2-6 are; the line comes once, after step 6
+        estimate.on_train_batch_begin(batch)
+        estimate.on_train_batch_end(batch)
+        if batch == 4:
+            assert capsys.readouterr().out == ""
+    assert capsys.readouterr().out.strip().splitlines() == expected
+    assert estimate.estimate == pytest.approx(994 * step_seconds)
+
+
+def test_pytest_output_ends_with_its_summary():
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTEST_XDIST")}
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "no:cacheprovider",
+                             "tests/test_stats.py"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=600)
+    lines = [line for line in result.stdout.splitlines() if line.strip()]
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert re.fullmatch(r"\d+ passed in [\d.]+s", lines[-1]), lines[-5:]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, final_state, main_command, run_main
+from support import ROOT, final_state, main_command, run_main
 from mtard_tf import attacks, distribute, losses
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--sync_batchnorm",

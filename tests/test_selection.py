@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import MOCK_TRAIN_EXAMPLES, run_main
+from support import MOCK_TRAIN_EXAMPLES, run_main
 from mtard_tf import data, evaluation, training
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=3",

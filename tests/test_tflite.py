@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import run_main, tiny_model
+from support import run_main, tiny_model
 from mtard_tf import config as config_lib
 from mtard_tf import export, files, pipeline, tflite
 
