@@ -35,8 +35,8 @@ PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")  # evaluation.ATTACK_NAMES
 SELECT_MODES = ("last", "best_test", "best_holdout")
 EXPORT_FORMATS = ("savedmodel", "tflite")
-QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.tflite.convert)
-TRAIN_SOURCES = ("auto", "memory", "disk")  # where the train stream reads the split (mtard_tf.data.train_source)
+QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.export.tflite.convert)
+TRAIN_SOURCES = ("auto", "memory", "disk")  # where the train stream reads the split (mtard_tf.data.datasets.train_source)
 
 
 def option(default, help, *, flag=None, choices=None, lower=None, upper=None, check=None, factory=None):
@@ -66,7 +66,7 @@ class DataConfig:
                                           "<data_dir>/downloads/manual/).")
     train_source: str = option("auto", "Where the training stream reads the train split: memory (held as uint8 "
                                "tensors), disk (each example read by index from the dataset's ArrayRecord files, which "
-                               "python -m mtard_tf.add_array_record adds), auto: memory when the split takes at most "
+                               "python -m mtard_tf.tools.add_array_record adds), auto: memory when the split takes at most "
                                "--in_memory_limit_gb as uint8, else disk. Both give identical batches.",
                                choices=TRAIN_SOURCES)
     in_memory_limit_gb: float = option(4.0, "With --train_source=auto: the largest train split (GB of uint8 pixels) "

@@ -4,7 +4,8 @@ import os
 
 from absl import app, flags
 
-from mtard_tf import config, startup
+from mtard_tf import config
+from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
 
@@ -22,34 +23,34 @@ flags.DEFINE_boolean("dry_run", False, "Print the run's resolved configuration (
 
 
 def run_mode(mode, run_config, teacher=None, model=None):
-    """One stage of the job, or all of them (pipeline.run_all)."""
-    from mtard_tf import distribute, pipeline, training
+    """One stage of the job, or all of them (stages.run_all)."""
+    from mtard_tf.job import distribute, runs, stages
     model_dir = run_config.runtime.model_dir
     if mode in ("evaluate", "export") and not model:
         raise config.ConfigError(f"--mode={mode} needs --model=PATH.keras")
     if mode == "all":
-        pipeline.run_all(run_config, distribute.announce(distribute.make_strategy(run_config.runtime.strategy)))
+        stages.run_all(run_config, distribute.announce(distribute.make_strategy(run_config.runtime.strategy)))
     elif mode == "distill":
         strategy = distribute.announce(distribute.make_strategy(run_config.runtime.strategy))
-        path, _ = training.train_student(run_config, strategy)
+        path, _ = runs.train_student(run_config, strategy)
         print(f"student ({run_config.method}) saved to {path}")
         if distribute.is_chief(strategy):
-            pipeline.balance_picture(run_config)
+            stages.balance_picture(run_config)
     elif mode == "train_teacher":
         strategy = distribute.announce(distribute.make_strategy(run_config.runtime.strategy))
-        path, _ = training.train_teacher(run_config, teacher, strategy)
+        path, _ = runs.train_teacher(run_config, teacher, strategy)
         print(f"{teacher} teacher saved to {path}")
     elif mode == "evaluate" and model.endswith(".tflite"):
         model_name, version = os.path.basename(os.path.dirname(os.path.abspath(model))), os.path.basename(model)
         output_dir = os.path.join(model_dir, "eval", "tflite", f"{model_name}-{os.path.splitext(version)[0]}")
-        pipeline.evaluate_tflite_stage(run_config, model, output_dir)
+        stages.evaluate_tflite_stage(run_config, model, output_dir)
         print(f"report: {os.path.join(output_dir, 'report.md')}")
     elif mode == "evaluate":
         output_dir = os.path.join(model_dir, "eval")
-        pipeline.evaluate_stage(run_config, model, output_dir, reuse=False)
+        stages.evaluate_stage(run_config, model, output_dir, reuse=False)
         print(f"report: {os.path.join(output_dir, 'report.md')}")
     elif mode == "export":
-        pipeline.export_stage(run_config, model, reuse=False)
+        stages.export_stage(run_config, model, reuse=False)
 
 
 def main(argv):

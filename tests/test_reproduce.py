@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from mtard_tf import config as config_lib
-from mtard_tf import files, reproduce, stats
+from mtard_tf import config as config_lib, files, reproduce
+from mtard_tf.evaluation import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="cifar10", student="resnet56:depth=8,width=2", clean_teacher_arch="resnet56:depth=8,width=2",

@@ -29,7 +29,7 @@ its output onto both once more as a final guarantee, and returns a constant tens
 `tf.while_loop`s inside `tf.function`s, built once per (model, settings, image shape) and cached. `jit_compile=True`
 compiles APGD and FAB with XLA (one device only; the shrinking batches are padded to a few sizes to bound
 recompilation). It is off by default: on the 2-core CPU, XLA made the attack loops of conv nets 2.5-4x slower
-than the default (oneDNN) path (`python -m mtard_tf.benchmark`, README "Performance and scale"). Square never uses
+than the default (oneDNN) path (`python -m mtard_tf.tools.benchmark`, README "Performance and scale"). Square never uses
 XLA: like the reference, it shrinks its batch to the images not yet broken at every query. Models must return logits.
 """
 
@@ -40,8 +40,8 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtard_tf import attacks as attacks_lib
-from mtard_tf import losses as losses_lib
+from mtard_tf.attacks import white_box as attacks_lib
+from mtard_tf.methods import losses as losses_lib
 
 STANDARD_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square")
 _DLR_EPS = 1e-12
@@ -57,7 +57,7 @@ _CACHE = weakref.WeakKeyDictionary()
 def cached_function(model, key, build):
     """`build(model)`, a compiled function, built once per (model, key) while the model lives and reused after.
 
-    Every attack here and in mtard_tf.evaluation gets its tf.function this way, so that attacking batch after batch
+    Every attack here and in mtard_tf.evaluation.robustness gets its tf.function this way, so that attacking batch after batch
     traces it once. `key` holds everything the function is built from besides the model (attack, settings, image
     shape). The function gets a weak proxy of the model, so that the cache does not keep the model (and its graphs)
     alive.

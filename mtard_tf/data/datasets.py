@@ -17,7 +17,7 @@ tf.data map. `add_array_record` writes those files beside a prepared dataset's t
 
 Evaluation uses the dataset's test split, or its validation split where it has none (Tiny-ImageNet, whose test
 images carry no labels). Datasets built from files the user downloads (tfds' manual datasets, e.g. `tiny_imagenet`,
-registered by importing mtard_tf.tiny_imagenet) are built from the manual directory on first use.
+registered by importing mtard_tf.data.tiny_imagenet) are built from the manual directory on first use.
 """
 
 import atexit
@@ -34,7 +34,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import file_adapters
 
-from mtard_tf import tiny_imagenet  # noqa: F401 - registers the tfds dataset `tiny_imagenet`
+from mtard_tf.data import tiny_imagenet  # noqa: F401 - registers the tfds dataset `tiny_imagenet`
 from mtard_tf.errors import UserError
 
 TRAIN_SOURCES = ("memory", "disk")  # where train_dataset reads the split; config's --train_source adds "auto"
@@ -134,7 +134,7 @@ def load_info(name, data_dir=None):
 
 
 def _add_array_record_command(name, data_dir):
-    return f"python -m mtard_tf.add_array_record --dataset={name}" + (f" --data_dir={data_dir}" if data_dir else "")
+    return f"python -m mtard_tf.tools.add_array_record --dataset={name}" + (f" --data_dir={data_dir}" if data_dir else "")
 
 
 def _without_tf_data_files(name, data_dir):

@@ -1,6 +1,6 @@
 """The balancing dynamics of a distillation run, drawn from its TensorBoard logs.
 
-    python -m mtard_tf.plot --model_dir=DIR [--output=FILE]
+    python -m mtard_tf.evaluation.plot --model_dir=DIR [--output=FILE]
 
 reads the per-step scalars under `DIR/tensorboard` and writes `DIR/balance.png` (or FILE): four panels over the
 training step, "adv" being the robust teacher on the adversarial input x' and "nat" the clean teacher on x.
@@ -23,8 +23,9 @@ import sys
 
 from absl import app, flags, logging
 
-from mtard_tf import files, startup
+from mtard_tf import files
 from mtard_tf.errors import UserError
+from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
 
@@ -55,7 +56,7 @@ COLORS = ("tab:red", "tab:blue")  # adv, nat
 def read_step_scalars(log_dir):
     """{tag: (steps, values)} of every scalar in the event files under `log_dir`, as float64 numpy arrays.
 
-    Both TF2 tensor summaries (tf.summary.scalar, as mtard_tf.summaries writes them) and TF1 scalar summaries are
+    Both TF2 tensor summaries (tf.summary.scalar, as mtard_tf.job.summaries writes them) and TF1 scalar summaries are
     read; non-scalar tensors (histograms, images) are skipped. A step logged more than once (a resumed run re-logs
     the steps it redid) keeps the value written last (latest wall time, then reading order); steps are sorted.
     Raises LogsNotFoundError if `log_dir` is not a directory.

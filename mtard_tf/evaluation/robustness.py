@@ -24,11 +24,10 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from mtard_tf import attacks as attacks_lib
-from mtard_tf import autoattack
 from mtard_tf import files
-from mtard_tf import losses
-from mtard_tf import stats
+from mtard_tf.attacks import autoattack, white_box as attacks_lib
+from mtard_tf.evaluation import stats
+from mtard_tf.methods import losses
 
 ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 DISPLAY_NAMES = {

@@ -10,7 +10,7 @@ Layout (what TF Serving's file-system source watches)::
           assets.extra/tf_serving_warmup_requests   # PredictionLog records (TFRecord)
           assets.extra/model_card.json   # what the model is: training recipe, evaluation, source file's sha256
         2/ ...
-        3.tflite                         # a TensorFlow Lite export (mtard_tf.tflite); versions count across both
+        3.tflite                         # a TensorFlow Lite export (mtard_tf.export.tflite); versions count across both
 
 A version number names one export, SavedModel or TFLite file, so `next_version` is the next number free for both.
 TF Serving reads only the numeric directories.

@@ -2,13 +2,13 @@
 that runs it for evaluation.
 
 `export_tflite` writes `<export_dir>/<model_name>/<version>.tflite` (complete or absent, versions numbered with the
-SavedModels: mtard_tf.export) with the SavedModel's input contract: input `images`, float32 [batch, H, W, 3], pixel
+SavedModels: mtard_tf.export.saved_model) with the SavedModel's input contract: input `images`, float32 [batch, H, W, 3], pixel
 values in [0, 1]; output `logits`, float32 [batch, num_classes]. TFLite's builtin ops have no assertion, so unlike
 the SavedModel the file does not reject values outside [0, 1]. Class names and everything else a user should know
 are in the model card, embedded in the file (`read_model_card`).
 
 `TFLiteModel` runs a .tflite file on `tf.lite.Interpreter` as a callable images -> logits, eagerly or inside a
-tf.function (through tf.numpy_function), so the attack code of mtard_tf.autoattack queries it like a Keras model.
+tf.function (through tf.numpy_function), so the attack code of mtard_tf.attacks.autoattack queries it like a Keras model.
 """
 
 import json
@@ -21,9 +21,11 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from mtard_tf import export, files, startup
+from mtard_tf import files
 from mtard_tf.config import QUANTIZATIONS
 from mtard_tf.errors import UserError
+from mtard_tf.export import saved_model
+from mtard_tf.job import startup
 
 MODEL_CARD_METADATA = "model_card"  # the TFLite metadata entry holding the model card (UTF-8 JSON)
 NUM_THREADS = 2
@@ -55,13 +57,13 @@ def convert(model, quantize="none", representative_images=None):
         raise ValueError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     if quantize == "int8" and (representative_images is None or not len(representative_images)):
         raise ValueError("int8 quantisation needs representative images")
-    height, width = export.image_size(model)
+    height, width = saved_model.image_size(model)
     with tempfile.TemporaryDirectory() as directory, startup.held_back_stderr():
         archive = keras.export.ExportArchive()
         archive.track(model)
         archive.add_endpoint(
             name="serving_default", fn=lambda images: {"logits": tf.cast(model(images, training=False), tf.float32)},
-            input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=export.IMAGES_INPUT)])
+            input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32, name=saved_model.IMAGES_INPUT)])
         archive.write_out(directory, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(directory)
         if quantize != "none":
@@ -128,20 +130,20 @@ def export_tflite(model, export_dir, model_name, quantize="none", *, representat
     model_card: what to state about the model; embedded as the metadata entry "model_card" (JSON) with this
     export's format, name, version, quantisation, input and output. Returns the file's absolute path.
     """
-    height, width = export.image_size(model)
+    height, width = saved_model.image_size(model)
     content = convert(model, quantize, representative_images)
-    model_dir, version = export.claim_version(export_dir, model_name, version)
-    path = os.path.join(model_dir, f"{version}{export.TFLITE_SUFFIX}")
+    model_dir, version = saved_model.claim_version(export_dir, model_name, version)
+    path = os.path.join(model_dir, f"{version}{saved_model.TFLITE_SUFFIX}")
     if model_card is not None:
         card = {**model_card, "format": "tflite", "model_name": model_name, "version": version,
-                "quantization": quantize, "input": export.images_input(height, width),
+                "quantization": quantize, "input": saved_model.images_input(height, width),
                 "outputs": ["logits"]}
         if quantize == "int8":
             card["representative_examples"] = len(representative_images)
         content = with_metadata(content, MODEL_CARD_METADATA, json.dumps(card, indent=2, sort_keys=True).encode())
     with files.atomic_file(path, "wb") as f:
         if os.path.lexists(path):  # another exporter published this version meanwhile
-            raise export.ExportError(f"{path} appeared during the export; not overwriting it")
+            raise saved_model.ExportError(f"{path} appeared during the export; not overwriting it")
         f.write(content)
     return path
 

@@ -80,7 +80,7 @@ def use_xla(strategy, requested="auto"):
 
     XLA fails under MirroredStrategy with several replicas ("resource ... located in device CPU:1 from device
     CPU:0"), and on the 2-core CPU it made the B-MTARD step 2.5x (paper models) to 4x (small models) slower
-    (`python -m mtard_tf.benchmark`, README "Performance and scale").
+    (`python -m mtard_tf.tools.benchmark`, README "Performance and scale").
     """
     if requested != "auto":
         return requested == "true"

@@ -8,15 +8,19 @@ import time
 
 import keras
 
-from mtard_tf import (checkpointing, data, distribute, evaluation, files, methods, models, profiling, summaries,
-                      teachers)
+from mtard_tf import files
 from mtard_tf.config import ConfigError
-from mtard_tf.schedules import MilestoneDecay
+from mtard_tf.data import datasets
+from mtard_tf.evaluation import robustness
+from mtard_tf.job import checkpointing, distribute, profiling, summaries
+from mtard_tf.methods import registry
+from mtard_tf.methods.schedules import MilestoneDecay
+from mtard_tf.models import architectures, loading
 
 
 def train_source(config):
-    """"memory" or "disk": where this run reads the train split (data.train_source of --train_source)."""
-    return data.train_source(config.data.dataset, config.data.data_dir, config.data.train_source,
+    """"memory" or "disk": where this run reads the train split (datasets.train_source of --train_source)."""
+    return datasets.train_source(config.data.dataset, config.data.data_dir, config.data.train_source,
                              config.data.in_memory_limit_gb)
 
 
@@ -42,7 +46,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     if source == "disk":
         print(f"train split of '{config.data.dataset}': read from disk by index (its ArrayRecord files), not held in "
               f"memory")
-    validation = data.eval_dataset(config.data.dataset, config.data.data_dir, batch_size)
+    validation = datasets.eval_dataset(config.data.dataset, config.data.data_dir, batch_size)
     callbacks = [
         checkpointing.NonFiniteLossGuard(checkpoints.directory),
         summaries.ScalarSummaries(os.path.join(output_dir, "tensorboard"), config.runtime.log_every_n_steps),
@@ -59,7 +63,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     history.history = {}
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
-        train = data.train_dataset(config.data.dataset, config.data.data_dir, batch_size, seed=config.runtime.seed,
+        train = datasets.train_dataset(config.data.dataset, config.data.data_dir, batch_size, seed=config.runtime.seed,
                                    start_step=step, holdout=config.selection.held_out(), source=source)
         result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
                              steps_per_epoch=steps_per_epoch - done, validation_data=validation,
@@ -101,15 +105,15 @@ def _prepare(config, strategy):
     if batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"batch size {batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.runtime.seed)
-    info = data.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.dataset, config.data.data_dir)
     steps = config.schedule.steps_per_epoch or (info.num_train - config.selection.held_out()) // batch_size
     return info, steps
 
 
 def _build_trainer(config, strategy, method, network, frozen, learning_rate, schedule, eval_attack_steps):
-    """The method's trainer of `network` (methods.METHODS), compiled with SGD at `learning_rate`."""
+    """The method's trainer of `network` (registry.METHODS), compiled with SGD at `learning_rate`."""
     attack = config.attack
-    trainer = methods.get_method(method).build(
+    trainer = registry.get_method(method).build(
         network, frozen, config, schedule, epsilon=attack.epsilon, attack_steps=attack.steps,
         attack_step_size=attack.step_size, weight_decay=config.schedule.weight_decay,
         eval_attack_steps=eval_attack_steps, seed=config.runtime.seed)
@@ -125,7 +129,7 @@ def final_metrics(history):
 
 
 def train_student(config, strategy):
-    """Trains the student with `config.method` (methods.METHODS) into `<model_dir>/student.keras`; returns
+    """Trains the student with `config.method` (registry.METHODS) into `<model_dir>/student.keras`; returns
     (path, history).
 
     Every method gets the same architecture, initialisation (seed), data order, optimizer, schedule (lr x decay at
@@ -136,13 +140,13 @@ def train_student(config, strategy):
     method = config.method
     model_dir = config.runtime.model_dir
     info, steps_per_epoch = _prepare(config, strategy)
-    for kind in methods.get_method(method).teachers:
+    for kind in registry.get_method(method).teachers:
         if not config.teacher(kind).file:
-            raise teachers.TeacherError(f"method '{method}' needs a {kind} teacher file (--{kind}_teacher)")
+            raise loading.TeacherError(f"method '{method}' needs a {kind} teacher file (--{kind}_teacher)")
     with strategy.scope():
-        frozen = {kind: teachers.load_teacher(config.teacher(kind).file, info.image_shape, info.num_classes)
-                  for kind in methods.get_method(method).teachers}
-        student = models.build_model(config.student, info.num_classes, info.image_shape,
+        frozen = {kind: loading.load_teacher(config.teacher(kind).file, info.image_shape, info.num_classes)
+                  for kind in registry.get_method(method).teachers}
+        student = architectures.build_model(config.student, info.num_classes, info.image_shape,
                                      sync_batchnorm=config.runtime.sync_batchnorm)
 
         def schedule(value):
@@ -209,11 +213,11 @@ class ModelSelection(keras.callbacks.Callback):
         self.epochs = select_epochs(config.schedule.epochs, config.schedule.milestones, self.selection.every_before)
         dataset, data_dir = config.data.dataset, config.data.data_dir
         if self.selection.select == "best_test":
-            self.split = data.load_info(dataset, data_dir).test_split
-            self.dataset = data.eval_dataset(dataset, data_dir, 250, self.selection.examples)
+            self.split = datasets.load_info(dataset, data_dir).test_split
+            self.dataset = datasets.eval_dataset(dataset, data_dir, 250, self.selection.examples)
         else:
             self.split = f"train[-{self.selection.holdout_examples}:] (held out)"
-            self.dataset = data.holdout_dataset(dataset, data_dir, 250, self.selection.holdout_examples,
+            self.dataset = datasets.holdout_dataset(dataset, data_dir, 250, self.selection.holdout_examples,
                                                 self.selection.examples, source=train_source(config))
 
     def record(self):
@@ -228,7 +232,7 @@ class ModelSelection(keras.callbacks.Callback):
         epoch += 1
         if epoch not in self.epochs:
             return
-        report = evaluation.evaluate(self.network, self.dataset, attacks=("clean", "pgd_trades"),
+        report = robustness.evaluate(self.network, self.dataset, attacks=("clean", "pgd_trades"),
                                      epsilon=self.epsilon, num_examples=self.selection.examples, seed=self.seed,
                                      output_dir=os.path.join(self.directory, f"epoch-{epoch}"), progress=False)
         metric = report["attacks"]["pgd_trades"]["w_robust"]
@@ -261,10 +265,10 @@ def train_teacher(config, kind, strategy):
         learning_rate = MilestoneDecay(teacher.learning_rate, teacher.milestones, steps_per_epoch,
                                        config.schedule.decay)
     with strategy.scope():
-        model = models.build_model(teacher.arch, info.num_classes, info.image_shape,
+        model = architectures.build_model(teacher.arch, info.num_classes, info.image_shape,
                                    sync_batchnorm=config.runtime.sync_batchnorm)
         eval_attack_steps = 0 if teacher.method == "natural" else config.attack.eval_steps
-        trainer = _build_trainer(config, strategy, methods.TEACHER_TRAINING[teacher.method], model, {},
+        trainer = _build_trainer(config, strategy, registry.TEACHER_TRAINING[teacher.method], model, {},
                                  learning_rate, None, eval_attack_steps)
     model_dir = config.runtime.model_dir
     path = teacher_path(model_dir, kind)

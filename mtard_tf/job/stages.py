@@ -11,9 +11,14 @@ import time
 
 import tensorflow as tf
 
-from mtard_tf import config as config_lib, data, distribute, evaluation, export, files, methods, models, plot, teachers
-from mtard_tf import tflite, training
-from mtard_tf.distiller import BALANCES
+from mtard_tf import config as config_lib, files
+from mtard_tf.data import datasets
+from mtard_tf.evaluation import plot, robustness
+from mtard_tf.export import saved_model, tflite
+from mtard_tf.job import distribute, runs
+from mtard_tf.methods import registry
+from mtard_tf.methods.b_mtard import BALANCES
+from mtard_tf.models import architectures, loading
 
 TEACHER_ATTACKS = ("clean", "pgd_sat")
 LATENCY_IMAGES = 200  # test images over which the median latency of a .tflite model is taken
@@ -30,14 +35,14 @@ def file_sha256(path):
 def teacher_stage(config, kind, strategy):
     """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
     given = config.teacher(kind).file
-    path = given or training.teacher_path(config.runtime.model_dir, kind)
-    info = data.load_info(config.data.dataset, config.data.data_dir)
+    path = given or runs.teacher_path(config.runtime.model_dir, kind)
+    info = datasets.load_info(config.data.dataset, config.data.data_dir)
     if given or os.path.exists(path):
-        teachers.load_teacher(path, info.image_shape, info.num_classes)  # raises with a clear message if invalid
+        loading.load_teacher(path, info.image_shape, info.num_classes)  # raises with a clear message if invalid
         print(f"{kind} teacher: using {path}")
         return path
     print(f"{kind} teacher: training {path}")
-    return training.train_teacher(config, kind, strategy)[0]
+    return runs.train_teacher(config, kind, strategy)[0]
 
 
 def student_stage(config, strategy):
@@ -45,12 +50,12 @@ def student_stage(config, strategy):
     the picture of its balancing dynamics for the two-teacher methods."""
     path = os.path.join(config.runtime.model_dir, "student.keras")
     if os.path.exists(path):
-        info = data.load_info(config.data.dataset, config.data.data_dir)
-        teachers.load_model(path, info.image_shape, info.num_classes, what="student")
+        info = datasets.load_info(config.data.dataset, config.data.data_dir)
+        loading.load_model(path, info.image_shape, info.num_classes, what="student")
         print(f"student: using {path}")
     else:
         print(f"student: training {path} with {config.method}")
-        path = training.train_student(config, strategy)[0]
+        path = runs.train_student(config, strategy)[0]
     if distribute.is_chief(strategy):
         balance_picture(config)
     return path
@@ -109,14 +114,14 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
     if reuse and _report_is_current(report_path, model_path, attacks, settings.num_examples):
         print(f"evaluation of {model_path}: using {report_path}")
     else:
-        info = data.load_info(config.data.dataset, config.data.data_dir)
-        model = models.with_dtype_policy(teachers.load_model(model_path, info.image_shape, info.num_classes,
+        info = datasets.load_info(config.data.dataset, config.data.data_dir)
+        model = architectures.with_dtype_policy(loading.load_model(model_path, info.image_shape, info.num_classes,
                                                              what="model"))  # attacks in float32
-        dataset = data.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+        dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
                                     settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
         print(f"evaluation of {model_path}: {', '.join(attacks)}")
-        evaluation.evaluate(model, dataset, attacks=attacks, epsilon=config.attack.epsilon,
+        robustness.evaluate(model, dataset, attacks=attacks, epsilon=config.attack.epsilon,
                             num_examples=settings.num_examples, batch_size=settings.batch_size,
                             seed=config.runtime.seed, output_dir=output_dir, summary_writer=writer,
                             progress=bool(config.runtime.verbose), selection=model_selection(model_path),
@@ -128,14 +133,14 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
 
 def evaluate_tflite_stage(config, tflite_path, output_dir):
     """The robustness of a .tflite model as it ships, beside the float Keras student it was converted from
-    (`config.eval.source_model`): evaluation.evaluate_deployed on the TFLite interpreter, with the file's size and
+    (`config.eval.source_model`): robustness.evaluate_deployed on the TFLite interpreter, with the file's size and
     its latency (batch 1, median over the first LATENCY_IMAGES evaluation images). Returns the report."""
     settings = config.eval
     if not settings.source_model:
         raise config_lib.ConfigError("evaluating a .tflite model needs --source_model=PATH.keras, the float Keras "
                                      "student it was converted from (the transfer attacks are crafted on it)")
-    info = data.load_info(config.data.dataset, config.data.data_dir)
-    source = models.with_dtype_policy(teachers.load_model(settings.source_model, info.image_shape, info.num_classes,
+    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    source = architectures.with_dtype_policy(loading.load_model(settings.source_model, info.image_shape, info.num_classes,
                                                           what="source model"))
     deployed = tflite.TFLiteModel(tflite_path)
     if (deployed.image_shape, deployed.num_classes) != (tuple(info.image_shape), info.num_classes):
@@ -149,9 +154,9 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
         print(f"warning: {tflite_path} was exported from {card['source_model'].get('path')} (sha256 "
               f"{exported_from[:12]}), not from --source_model={settings.source_model}: the float figures are "
               "another model's")
-    dataset = data.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+    dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
                                 settings.num_examples)
-    latency_images, _ = evaluation.take_examples(dataset, min(LATENCY_IMAGES,
+    latency_images, _ = robustness.take_examples(dataset, min(LATENCY_IMAGES,
                                                               settings.num_examples or LATENCY_IMAGES))
     details = {
         "deployed": {"path": os.path.abspath(tflite_path), "sha256": file_sha256(tflite_path),
@@ -162,7 +167,7 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
                    "matches_model_card": None if exported_from is None else exported_from == source_sha256},
     }
     print(f"evaluation of {tflite_path} beside {settings.source_model}")
-    return evaluation.evaluate_deployed(deployed, source, dataset, epsilon=config.attack.epsilon,
+    return robustness.evaluate_deployed(deployed, source, dataset, epsilon=config.attack.epsilon,
                                         num_examples=settings.num_examples, batch_size=settings.batch_size,
                                         seed=config.runtime.seed, square_queries=settings.square_queries,
                                         output_dir=output_dir, progress=bool(config.runtime.verbose),
@@ -176,7 +181,7 @@ def training_recipe(summary, summary_path):
     recipe = summary.get("config")
     if recipe is None:
         return None
-    teacher_kinds = methods.get_method(recipe["method"]).teachers
+    teacher_kinds = registry.get_method(recipe["method"]).teachers
     return {
         "source": f"{summary_path} (the training run's configuration)",
         "method": recipe["method"], "student": recipe["student"], "dataset": recipe["data"]["dataset"],
@@ -237,18 +242,18 @@ def export_stage(config, student_path, reuse=True):
         if same and os.path.exists(previous.get("path", "")):
             print(f"export: using {previous['path']}")
             return previous["path"]
-    info = data.load_info(config.data.dataset, config.data.data_dir)
-    model = models.with_dtype_policy(teachers.load_model(student_path, info.image_shape, info.num_classes,
+    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    model = architectures.with_dtype_policy(loading.load_model(student_path, info.image_shape, info.num_classes,
                                                          what="model"), settings.precision)
     card = model_card(student_path, digest, info.class_names)
     if settings.format == "tflite":
-        representative = (data.first_train_images(config.data.dataset, config.data.data_dir,
+        representative = (datasets.first_train_images(config.data.dataset, config.data.data_dir,
                                                   settings.representative_examples)
                           if settings.quantize == "int8" else None)
         path = tflite.export_tflite(model, settings.export_dir, settings.model_name, settings.quantize,
                                     representative_images=representative, version=settings.version, model_card=card)
     else:
-        path = export.export_model(model, settings.export_dir, settings.model_name, list(info.class_names),
+        path = saved_model.export_model(model, settings.export_dir, settings.model_name, list(info.class_names),
                                    version=settings.version, model_card=card)
     files.write_json(marker, {**wanted, "path": path})
     print(f"export: {path}")

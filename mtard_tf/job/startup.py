@@ -75,7 +75,9 @@ def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
     start_tensorflow(verbose)
     import keras
 
-    from mtard_tf import config as config_lib, data, distribute
+    from mtard_tf import config as config_lib
+    from mtard_tf.data import datasets
+    from mtard_tf.job import distribute
     distribute.set_cpu_replicas(config.runtime.cpu_replicas)
     precision, reason = distribute.resolve_precision(config.runtime.precision)
     if precision != config.runtime.precision:
@@ -90,7 +92,7 @@ def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
             files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")
         except OSError as error:
             raise UserError(f"cannot write to --model_dir={model_dir}: {error.strerror or error}") from error
-        data.prepare(config.data.dataset, config.data.data_dir, config.data.download, config.data.manual_dir)
+        datasets.prepare(config.data.dataset, config.data.data_dir, config.data.download, config.data.manual_dir)
         body(config)
     except UserError as error:
         logging.debug("error", exc_info=True)

@@ -14,8 +14,9 @@ Statistics that drive the balancing rules are cross-replica means, so the state 
 
 import tensorflow as tf
 
-from mtard_tf import attacks, balancing, losses
-from mtard_tf.trainer import Trainer, global_mean
+from mtard_tf.attacks import white_box
+from mtard_tf.methods import balancing, losses
+from mtard_tf.methods.trainer import global_mean, Trainer
 
 BALANCES = ("b_mtard", "mtard")
 
@@ -85,7 +86,7 @@ class Distiller(Trainer):
     def adversarial_examples(self, images, labels):
         """x' = PGD on the student's CE (inference mode) from x + 0.001 N(0, I) (MTARD mtard_loss.py L27-53)."""
         return self.attack(self.cross_entropy_objective(labels), images,
-                           attacks.normal_start(images, self.attack_noise(images)))
+                           white_box.normal_start(images, self.attack_noise(images)))
 
     def teacher_targets(self, images, images_adv, temperature_adv, temperature_nat):
         """p_a = softmax(T_a(x') / tau_a), p_n = softmax(T_n(x) / tau_n), teachers frozen in inference mode."""

@@ -1,17 +1,5 @@
-"""Every way to train a network (the methods of the paper's comparison tables): the `--method` registry, and the
-trainers of natural and adversarial training (which also make the teachers) and of the single-teacher distillation
-baselines.
-
-| method  | trainer                                | teachers      | loss (losses.py)   |
-|---------|----------------------------------------|---------------|--------------------|
-| natural | NaturalTrainer (below)                 |               | natural_loss       |
-| sat     | AdversarialTrainer(pgd_at) (below)     |               | sat_loss           |
-| trades  | AdversarialTrainer(trades) (below)     |               | trades_loss        |
-| ard     | ARDTrainer (below)                     | robust        | ard_loss           |
-| rslad   | RSLADTrainer (below)                   | robust        | rslad_loss         |
-| adaad   | AdaADTrainer (below)                   | robust        | adaad_loss         |
-| mtard   | distiller.Distiller(balance="mtard")   | clean, robust | multi_teacher_loss |
-| b_mtard | distiller.Distiller(balance="b_mtard") | clean, robust | multi_teacher_loss |
+"""The trainers of natural and adversarial training (which also make the teachers) and of the single-teacher
+distillation baselines of the paper's comparison tables (registry.py maps each `--method` to its trainer).
 
 The reference code of each loss: natural boyellow/AdaAD main.py L302-304 (`Plain_Clean`); sat
 MadryLab/cifar10_challenge model.py L94-97; trades yaodongyu/TRADES trades.py L79-83; ard
@@ -46,14 +34,11 @@ on CIFAR-100 (zibojia/RSLAD resnet18_rslad_cifar100.py L63-65, zhaoshiji123/MTAR
 L79-80). It does not apply to AdaAD, whose code has no such factor: its CIFAR-100 loss is the full KL instead.
 """
 
-import dataclasses
-from typing import Callable
-
 import tensorflow as tf
 
-from mtard_tf import attacks, config as config_lib, losses
-from mtard_tf.distiller import Distiller
-from mtard_tf.trainer import Trainer, symmetric_uniform
+from mtard_tf.attacks import white_box
+from mtard_tf.methods import losses
+from mtard_tf.methods.trainer import symmetric_uniform, Trainer
 
 
 class NaturalTrainer(Trainer):
@@ -89,7 +74,7 @@ class AdversarialTrainer(Trainer):
         images = tf.cast(images, tf.float32)
         learning_rate = self.current_learning_rate()
         if self.method == "pgd_at":
-            start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
+            start = white_box.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
             images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
             with tf.GradientTape() as tape:
                 per_example = losses.sat_loss(labels, self.model(images_adv, training=True))
@@ -98,7 +83,7 @@ class AdversarialTrainer(Trainer):
 
         clean_logits = tf.stop_gradient(self.model(images, training=False))
         images_adv = self.attack(lambda x: losses.kl_divergence(clean_logits, self.model(x, training=False)),
-                                 images, attacks.normal_start(images, self.attack_noise(images)))
+                                 images, white_box.normal_start(images, self.attack_noise(images)))
         with tf.GradientTape() as tape:
             logits = self.model(images, training=True)
             adv_logits = self.model(images_adv, training=True)
@@ -134,7 +119,7 @@ class ARDTrainer(_SingleTeacherTrainer):
         images, labels = data
         images = tf.cast(images, tf.float32)
         learning_rate = self.current_learning_rate()
-        start = attacks.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
+        start = white_box.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
         images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
         teacher_logits = self.teacher(images, training=False)
         with tf.GradientTape() as tape:
@@ -162,7 +147,7 @@ class RSLADTrainer(_SingleTeacherTrainer):
         teacher_logits = self.teacher(images, training=False)
         images_adv = self.attack(
             lambda x: losses.kl_divergence(teacher_logits, self.student(x, training=False)), images,
-            attacks.normal_start(images, self.attack_noise(images)))
+            white_box.normal_start(images, self.attack_noise(images)))
         with tf.GradientTape() as tape:
             adv_logits = self.student(images_adv, training=True)
             logits = self.student(images, training=True)
@@ -187,7 +172,7 @@ class AdaADTrainer(_SingleTeacherTrainer):
         learning_rate = self.current_learning_rate()
         images_adv = self.attack(
             lambda x: losses.kl_divergence(self.teacher(x, training=False), self.student(x, training=False)),
-            images, attacks.normal_start(images, self.attack_noise(images)))
+            images, white_box.normal_start(images, self.attack_noise(images)))
         teacher_nat = self.teacher(images, training=False)
         teacher_adv = self.teacher(images_adv, training=False)
         with tf.GradientTape() as tape:
@@ -198,80 +183,3 @@ class AdaADTrainer(_SingleTeacherTrainer):
         kl_adv = losses.adaad_kl(teacher_adv, adv_logits)
         kl_nat = losses.adaad_kl(teacher_nat, logits)
         return self.step_logs(learning_rate, loss=per_example, kl_adv=kl_adv, kl_nat=kl_nat)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The registry: method name -> how to build its trainer for a student.
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A student training method.
-
-    build(student, teachers, config, schedule, **common) -> Trainer, where `teachers` maps "clean" / "robust" to the
-    loaded frozen teachers this method names in `teachers`, `config` is a config.Config, `schedule(value)` makes
-    the run's milestone schedule of a rate, and `common` holds the Trainer arguments shared by all methods (attack,
-    weight decay, validation, seed).
-    """
-    display_name: str
-    teachers: tuple
-    build: Callable
-
-
-def _natural(student, frozen, config, schedule, **common):
-    return NaturalTrainer(student, **common)
-
-
-def _adversarial(robust_method):
-    def build(student, frozen, config, schedule, **common):
-        return AdversarialTrainer(student, method=robust_method, trades_beta=config.baselines.trades_beta, **common)
-    return build
-
-
-def _ard(student, frozen, config, schedule, **common):
-    return ARDTrainer(student, frozen["robust"], temperature=config.baselines.ard_temperature,
-                      alpha=config.baselines.ard_alpha, **common)
-
-
-def _rslad(student, frozen, config, schedule, **common):
-    return RSLADTrainer(student, frozen["robust"], adv_weight=config.baselines.rslad_adv_weight,
-                        kl_scale=config.balance.kl_scale, **common)
-
-
-def _adaad(student, frozen, config, schedule, **common):
-    # No kl_scale: AdaAD's own code fixes its reduction per dataset (losses.adaad_kl), with no x10 on CIFAR-100.
-    return AdaADTrainer(student, frozen["robust"], alpha=config.baselines.adaad_alpha, **common)
-
-
-def _distiller(balance):
-    def build(student, frozen, config, schedule, **common):
-        rules = config.balance
-        return Distiller(student, frozen["clean"], frozen["robust"], balance=balance, kl_scale=rules.kl_scale,
-                         weight_rate=schedule(rules.weight_rate), temperature_rate=schedule(rules.temperature_rate),
-                         temperature_min=rules.temperature_min, temperature_max=rules.temperature_max,
-                         beta=rules.beta, **common)
-    return build
-
-
-# In the order of the paper's tables (B-MTARD last).
-METHODS = {
-    "natural": Method("Natural", (), _natural),
-    "sat": Method("SAT", (), _adversarial("pgd_at")),
-    "trades": Method("TRADES", (), _adversarial("trades")),
-    "ard": Method("ARD", ("robust",), _ard),
-    "rslad": Method("RSLAD", ("robust",), _rslad),
-    "adaad": Method("AdaAD", ("robust",), _adaad),
-    "mtard": Method("MTARD", ("clean", "robust"), _distiller("mtard")),
-    "b_mtard": Method("B-MTARD", ("clean", "robust"), _distiller("b_mtard")),
-}
-METHOD_NAMES = tuple(METHODS)
-# How a teacher is trained (config.TEACHER_METHODS) -> the student method whose trainer does it.
-TEACHER_TRAINING = {"natural": "natural", "trades": "trades", "pgd_at": "sat"}
-
-
-def get_method(name):
-    """The registered Method called `name`; ValueError naming the choices otherwise."""
-    if name not in METHODS:
-        raise config_lib.ConfigError(f"unknown method '{name}', expected one of {', '.join(METHOD_NAMES)}")
-    return METHODS[name]

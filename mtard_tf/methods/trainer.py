@@ -10,7 +10,8 @@ A subclass writes `train_step` top to bottom like its paper's algorithm box, and
 import keras
 import tensorflow as tf
 
-from mtard_tf import attacks, keras_repairs, losses
+from mtard_tf.attacks import white_box
+from mtard_tf.methods import keras_repairs, losses
 
 
 def global_mean(per_example):
@@ -98,7 +99,7 @@ class Trainer(keras.Model):
 
     def attack(self, objective, images, start):
         """The training attack: `attack_steps` PGD steps of size `attack_step_size` in the eps-ball."""
-        return attacks.pgd(objective, images, start, epsilon=self.epsilon, step_size=self.attack_step_size,
+        return white_box.pgd(objective, images, start, epsilon=self.epsilon, step_size=self.attack_step_size,
                            steps=self.attack_steps)
 
     def minimize(self, tape, per_example_loss):
@@ -138,8 +139,8 @@ class Trainer(keras.Model):
                 tf.stack([tf.cast(self.seed, tf.int64) * 1000 + 999, tf.cast(self.optimizer.iterations, tf.int64)]),
                 tf.cast(self.validation_batches.result(), tf.int64))
             self.validation_batches.update_state(1.0)
-            start = attacks.uniform_start(images, replica_noise(symmetric_uniform, images, seed), self.epsilon)
-            images_adv = attacks.pgd(self.cross_entropy_objective(labels), images, start, epsilon=self.epsilon,
+            start = white_box.uniform_start(images, replica_noise(symmetric_uniform, images, seed), self.epsilon)
+            images_adv = white_box.pgd(self.cross_entropy_objective(labels), images, start, epsilon=self.epsilon,
                                      step_size=self.eval_step_size, steps=self.eval_attack_steps)
             self.pgd_accuracy.update_state(labels, self.model(images_adv, training=False))
         return {metric.name: metric.result() for metric in self.metrics if metric is not self.validation_batches}

@@ -31,7 +31,7 @@ PyTorch's padding=1 does; Keras "same" would pad only bottom/right; `dm_wrn` pad
 BatchNormalization(epsilon=1e-5, momentum=0.9) (PyTorch's eps=1e-5, momentum=0.1; `dm_wrn`: momentum=0.99, the
 decay of DeepMind's training code), and the layer order of the PyTorch code. Keras layer names are the PyTorch
 module paths with "_" doubled, then "." replaced by "_" (e.g. `layer2_0_shortcut_0`, and `layer_0_block_0_conv__0`
-for `layer.0.block.0.conv_0`), which is what `mtard_tf.import_torch` relies on.
+for `layer.0.block.0.conv_0`), which is what `mtard_tf.pytorch.importer` relies on.
 
 Input normalisation: none by default (the paper's checkpoints take [0, 1] inputs), except in `dm_wrn`. A checkpoint
 trained on normalised inputs (e.g. chenyaofo's pretrained ResNet-56) is used with the `normalize` kwarg, which puts
@@ -473,7 +473,7 @@ def model_arguments(spec):
     named architecture, the spec's (type-checked and validated) over the defaults, with `normalize` resolved to
     None or a (mean, std) pair by the architecture's presets. ModelSpecError on a bad spec.
 
-    Any implementation of the registry's architectures (the Keras models here, mtard_tf.torch_models) reads a spec
+    Any implementation of the registry's architectures (the Keras models here, mtard_tf.pytorch.modules) reads a spec
     through this function, so they accept the same specs.
     """
     name, kwargs = parse_model_spec(spec)

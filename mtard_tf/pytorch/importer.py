@@ -1,9 +1,9 @@
 """Import a published PyTorch checkpoint (state dict) into the Keras model of the same architecture.
 
-    python -m mtard_tf.import_torch --arch=wrn34_10 --checkpoint=model_cifar_wrn.pt --num_classes=10 \\
+    python -m mtard_tf.pytorch.importer --arch=wrn34_10 --checkpoint=model_cifar_wrn.pt --num_classes=10 \\
         --out=teacher.keras
 
-`--arch` is a model spec of `mtard_tf.models` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`, `dm_wrn`, with
+`--arch` is a model spec of `mtard_tf.models.architectures` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`, `dm_wrn`, with
 kwargs if the checkpoint is not the default size, e.g. `resnet56:normalize=cifar10` for a checkpoint trained on
 normalised inputs, `dm_wrn:normalize=cifar100` for DeepMind's CIFAR-100 WRN-70-16). The checkpoint may be a plain
 state dict, one nested under "state_dict" / "model" / "model_state_dict" / "net"; its keys may carry DataParallel's
@@ -30,8 +30,8 @@ import sys
 
 import numpy as np
 
-from mtard_tf import models
 from mtard_tf.errors import UserError
+from mtard_tf.models import architectures
 
 NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
 IGNORED_SUFFIXES = (".num_batches_tracked",)
@@ -124,7 +124,7 @@ def load_checkpoint(path, trust_checkpoint=False):
 
 
 def torch_path(keras_layer_name):
-    """The PyTorch module path of a Keras layer: the inverse of models._Builder.name ("__" -> "_", then "_" -> "."),
+    """The PyTorch module path of a Keras layer: the inverse of architectures._Builder.name ("__" -> "_", then "_" -> "."),
     e.g. layer_0_block_0_batchnorm__0 -> layer.0.block.0.batchnorm_0."""
     return "_".join(part.replace("_", ".") for part in keras_layer_name.split("__"))
 
@@ -170,7 +170,7 @@ def _listing(kind, names):
 
 def _split_normalization(state, arch_spec):
     """Pops a (mean, std) pair out of the state dict and returns the spec that carries it."""
-    name, kwargs = models.parse_model_spec(arch_spec)
+    name, kwargs = architectures.parse_model_spec(arch_spec)
     found = [(m, s) for m, s in NORMALIZATION_KEYS if m in state and s in state]
     if not found:
         return arch_spec
@@ -183,7 +183,7 @@ def _split_normalization(state, arch_spec):
             "expected 3 channels")
     mean, std = np.broadcast_to(mean, (3,)), np.broadcast_to(std, (3,))
     if "normalize" in kwargs:
-        spec_stats = models.model_arguments(arch_spec)[1]["normalize"]
+        spec_stats = architectures.model_arguments(arch_spec)[1]["normalize"]
         if spec_stats is not None and not (np.allclose(spec_stats[0], mean, atol=1e-6)
                                            and np.allclose(spec_stats[1], std, atol=1e-6)):
             raise CheckpointError(
@@ -199,9 +199,9 @@ def convert_state_dict(arch_spec, state_dict, num_classes, input_shape=(32, 32, 
     Raises CheckpointError (one line) listing missing / unexpected / mis-shaped tensors if it does not fit.
     """
     state = unwrap_state_dict(state_dict)
-    name, _ = models.parse_model_spec(arch_spec)
+    name, _ = architectures.parse_model_spec(arch_spec)
     spec = _split_normalization(state, arch_spec)
-    model = models.build_model(spec, num_classes, input_shape=input_shape)
+    model = architectures.build_model(spec, num_classes, input_shape=input_shape)
 
     ignored = IGNORED_PREFIXES.get(name, ())
     remaining = {k: v for k, v in state.items()
@@ -274,7 +274,7 @@ def describe_normalization(model):
 def _define_flags():
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models: wrn34_10, resnet56, resnet18, mobilenetv2, "
+    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models.architectures: wrn34_10, resnet56, resnet18, mobilenetv2, "
                         "dm_wrn (with :key=value kwargs for non-default sizes or normalize=cifar10).")
     flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (.pt / .pth) holding a state dict.")
     flags.DEFINE_integer("num_classes", 10, "Number of classes of the checkpoint's classifier.")

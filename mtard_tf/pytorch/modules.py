@@ -1,7 +1,7 @@
 """The registry's architectures as PyTorch modules (optional torch support).
 
 Each is written from the published code, with its module names, so that its state dict is a checkpoint of the kind
-`mtard_tf.import_torch` reads:
+`mtard_tf.pytorch.importer` reads:
 
 * `KuangliuResNet18`: kuangliu/pytorch-cifar models/resnet.py (ResNet-18, the students of RSLAD / MTARD);
 * `CifarResNet`: chenyaofo/pytorch-cifar-models cifar_resnet.py (MTARD's clean ResNet-56 teacher);
@@ -11,7 +11,7 @@ Each is written from the published code, with its module names, so that its stat
 * `DMWideResNet`: RobustBench robustbench/model_zoo/architectures/dm_wide_resnet.py (the WideResNets of Gowal et
   al. 2020, among them the paper's CIFAR-100 WRN-70-16 teacher), whose published checkpoints hold no mean / std.
 
-They are written independently of mtard_tf.models (only the spec is read through `models.model_arguments`), so the
+They are written independently of mtard_tf.models.architectures (only the spec is read through `architectures.model_arguments`), so the
 tests that compare the two are a check of the Keras models. They take NCHW images in [0, 1]; the spec's `normalize`
 becomes a (mean, std) applied in forward() and kept out of the state dict, as a transforms.Normalize would be.
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mtard_tf import models
+from mtard_tf.models import architectures
 
 
 class CifarNetwork(nn.Module):
@@ -30,7 +30,7 @@ class CifarNetwork(nn.Module):
 
     def __init__(self, normalize=None):
         super().__init__()
-        stats = models.resolve_normalization(normalize)
+        stats = architectures.resolve_normalization(normalize)
         self.normalized = stats is not None
         if self.normalized:
             mean, std = (torch.tensor(values).view(1, -1, 1, 1) for values in stats)
@@ -309,7 +309,7 @@ class DMWideResNet(CifarNetwork):
         return self.logits(out.flatten(1))
 
 
-# Registry name (mtard_tf.models) -> module class; its constructor takes the spec's arguments by name.
+# Registry name (mtard_tf.models.architectures) -> module class; its constructor takes the spec's arguments by name.
 ARCHITECTURES = {
     "resnet18": KuangliuResNet18,
     "resnet56": CifarResNet,
@@ -322,6 +322,6 @@ ARCHITECTURES = {
 
 
 def build_torch_model(spec, num_classes=10):
-    """The PyTorch module named by a model spec of mtard_tf.models (e.g. "wrn34_10:depth=10,widen=2")."""
-    name, arguments = models.model_arguments(spec)
+    """The PyTorch module named by a model spec of mtard_tf.models.architectures (e.g. "wrn34_10:depth=10,widen=2")."""
+    name, arguments = architectures.model_arguments(spec)
     return ARCHITECTURES[name](num_classes=num_classes, **arguments)

@@ -25,8 +25,9 @@ import contextlib
 import torch
 from torch.nn import functional as F
 
-from mtard_tf import attacks, balancing, losses
-from mtard_tf.torch_models import build_torch_model
+from mtard_tf.attacks import white_box
+from mtard_tf.methods import balancing, losses
+from mtard_tf.pytorch.modules import build_torch_model
 
 # Keras dtype policy -> the autocast dtype of the networks (None: float32, no autocast).
 AUTOCAST_DTYPES = {"float32": None, "mixed_bfloat16": torch.bfloat16, "mixed_float16": torch.float16}
@@ -90,7 +91,7 @@ class TorchBMTARDStep:
 
     @classmethod
     def from_specs(cls, student, clean_teacher, robust_teacher, num_classes=10, device="cpu", seed=0, **kwargs):
-        """The step for three model specs of mtard_tf.models (e.g. "resnet18:width=8"), initialised from `seed`."""
+        """The step for three model specs of mtard_tf.models.architectures (e.g. "resnet18:width=8"), initialised from `seed`."""
         torch.manual_seed(seed)
         networks = (build_torch_model(spec, num_classes).to(device)
                     for spec in (student, clean_teacher, robust_teacher))
@@ -103,7 +104,7 @@ class TorchBMTARDStep:
 
     def adversarial_examples(self, images, labels):
         """x' = PGD on the student's summed CE (eval mode) from x + 0.001 N(0, I); the objective is scaled by
-        attacks.GRADIENT_SCALE, as the TensorFlow attack's, so that float16 input gradients do not underflow."""
+        white_box.GRADIENT_SCALE, as the TensorFlow attack's, so that float16 input gradients do not underflow."""
         self.student.eval()
         noise = torch.randn(images.shape, generator=self.generator, device=self.device)
         images_adv = images + 0.001 * noise
@@ -111,7 +112,7 @@ class TorchBMTARDStep:
             images_adv.requires_grad_(True)
             with self.autocast():
                 logits = self.student(images_adv)
-            objective = F.cross_entropy(logits.float(), labels, reduction="sum") * attacks.GRADIENT_SCALE
+            objective = F.cross_entropy(logits.float(), labels, reduction="sum") * white_box.GRADIENT_SCALE
             gradient, = torch.autograd.grad(objective, images_adv)
             images_adv = project(images_adv.detach() + self.attack_step_size * gradient.sign(), images, self.epsilon)
         return images_adv

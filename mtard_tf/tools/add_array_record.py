@@ -1,5 +1,5 @@
 """Adds ArrayRecord files beside a prepared dataset's tfrecord files, so that the train split can be read from disk by
-index (--train_source=disk): python -m mtard_tf.add_array_record --dataset=NAME [--data_dir=DIR].
+index (--train_source=disk): python -m mtard_tf.tools.add_array_record --dataset=NAME [--data_dir=DIR].
 
 tfds' own tool for this, `tfds convert_format`, needs apache-beam, which tensorflow-datasets does not install
 (tensorflow/datasets#5463) and whose install (2.77) downgrades protobuf from the 7.x TensorFlow runs with to 6.x; this
@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mtard_tf import startup
+from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "cifar10", "tensorflow-datasets dataset name.")
@@ -27,10 +27,10 @@ def main(argv):
     if not verbose:
         logging.set_verbosity(logging.WARNING)
     startup.start_tensorflow(verbose)
-    from mtard_tf import data
+    from mtard_tf.data import datasets
     from mtard_tf.errors import UserError
     try:
-        written = data.add_array_record(FLAGS.dataset, FLAGS.data_dir)
+        written = datasets.add_array_record(FLAGS.dataset, FLAGS.data_dir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,4 +1,4 @@
-"""Throughput of the B-MTARD train step: python -m mtard_tf.benchmark [flags].
+"""Throughput of the B-MTARD train step: python -m mtard_tf.tools.benchmark [flags].
 
 A configuration is a (--jit_compile, --precision) pair. For each, prints one JSON
 line with images/s, ms per step, the split of a step into attack / teachers / student update (each part timed alone
@@ -8,11 +8,11 @@ of the machine's attainable rate at that precision the step reaches, and the pro
 (`peak_rss_mb`, PyTorch's included with --compare_torch; and `peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 since
 the configurations of this --jit_compile value were built). The configurations of one --jit_compile value are built
 together and timed side by side: their steps alternate (A, B, A, B, ...), then their parts do, so that a change of
-the machine's load affects them alike. --profile_dir traces one more step of each configuration (mtard_tf.profiling) and adds `profile` to its line: the
+the machine's load affects them alike. --profile_dir traces one more step of each configuration (mtard_tf.job.profiling) and adds `profile` to its line: the
 trace file, the op time of each part of the step (`op_ms_by_part`, by the train step's name scopes) and the top op
 types (`top_op_types_ms`).
 
-With --compare_torch, the same step in PyTorch eager mode (mtard_tf.torch_step: same architectures, batch, attack
+With --compare_torch, the same step in PyTorch eager mode (mtard_tf.pytorch.step: same architectures, batch, attack
 steps, data and precision) is timed in the same run, its steps alternating with TensorFlow's (TF, torch, TF, torch,
 ...) so that a change of the machine's load affects both alike, and the line adds `torch_images_per_s` and
 `speedup_vs_torch` (TensorFlow images/s over PyTorch images/s). PyTorch gets TensorFlow's intra-op thread count, and
@@ -27,7 +27,7 @@ K attack steps cost a forward and an input-gradient backward each (~2F); the two
 forward and a full backward each (~3F); the teachers one forward each. Data are synthetic and already on the device,
 so the figure is the step's, not the input pipeline's (--pipeline_batches measures that one alone).
 
-With --pipeline_batches=N, the real training stream (mtard_tf.data.train_dataset) is timed alone over N batches after
+With --pipeline_batches=N, the real training stream (mtard_tf.data.datasets.train_dataset) is timed alone over N batches after
 the step measurements, once for each of --pipeline_sources (memory: the split held as uint8 tensors; disk: examples
 read by index from its ArrayRecord files), each a JSON line with `input_pipeline_images_per_s` and, beside it, the
 fastest step measured in the run (`step_images_per_s`) and their ratio `pipeline_over_step`: how many times what the
@@ -43,7 +43,7 @@ import time
 
 from absl import app, flags, logging
 
-from mtard_tf import startup
+from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("student", "resnet18:width=8", "Student architecture.")
@@ -152,15 +152,15 @@ MOMENTUM = 0.9
 def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
     """The compiled Distiller of `setup`, its models built under the Keras dtype policy `setup.precision`."""
     import keras
-    from mtard_tf import models
-    from mtard_tf.distiller import Distiller
+    from mtard_tf.methods.b_mtard import Distiller
+    from mtard_tf.models import architectures
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(setup.precision)
     try:
         with strategy.scope():
-            student = models.build_model(setup.student, num_classes, image_shape)
-            clean = models.build_model(setup.clean_teacher, num_classes, image_shape)
-            robust = models.build_model(setup.robust_teacher, num_classes, image_shape)
+            student = architectures.build_model(setup.student, num_classes, image_shape)
+            clean = architectures.build_model(setup.clean_teacher, num_classes, image_shape)
+            robust = architectures.build_model(setup.robust_teacher, num_classes, image_shape)
             distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
             distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
                               jit_compile=jit_compile)
@@ -175,7 +175,7 @@ def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3))
 def build_torch_step(setup, distiller, num_classes=10):
     """The PyTorch step of the same architectures, with the distiller's attack, balancing and optimizer settings."""
     import torch
-    from mtard_tf.torch_step import TorchBMTARDStep
+    from mtard_tf.pytorch.step import TorchBMTARDStep
     return TorchBMTARDStep.from_specs(
         setup.student, setup.clean_teacher, setup.robust_teacher, num_classes,
         device="cuda" if torch.cuda.is_available() else "cpu", learning_rate=LEARNING_RATE, momentum=MOMENTUM,
@@ -243,7 +243,7 @@ class Measurement:
 
     def profile(self, logdir):
         """Traces one more full step into `logdir`; its trace file and the op time by part and by op type."""
-        from mtard_tf import profiling
+        from mtard_tf.job import profiling
         with profiling.trace(logdir):
             self.step()
         path = profiling.trace_files(logdir)[-1]
@@ -258,7 +258,7 @@ class Measurement:
         """The JSON record of this configuration from its timings; `matmul_rates` maps dtype names to FLOP/s."""
         import keras
         import tensorflow as tf
-        from mtard_tf import attacks
+        from mtard_tf.attacks import white_box
         setup, distiller, batch = self.setup, self.distiller, self.setup.batch_size
         flops_per_image = {name: forward_flops(model, (32, 32, 3)) for name, model in
                            (("student", distiller.student), ("clean_teacher", distiller.clean_teacher),
@@ -294,8 +294,8 @@ class Measurement:
             "matmul_flops_per_s": round(matmul_rates[compute_dtype]),
             "matmul_flops_per_s_float32": round(matmul_rates["float32"]),
             "matmul_fraction": round(achieved / matmul_rates[compute_dtype], 4),
-            # The attack-stall check (attacks.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
-            "attack_zero_gradient_fraction": round(float(attacks.zero_gradient_fraction(
+            # The attack-stall check (white_box.zero_gradient_fraction): ~0 unless 16-bit gradients underflow.
+            "attack_zero_gradient_fraction": round(float(white_box.zero_gradient_fraction(
                 distiller.cross_entropy_objective(self.labels), self.images)), 6),
         })
         return record
@@ -312,7 +312,7 @@ def measure(setups, jit_compile, strategy, matmul_rates, profile_dir=None):
     seconds = iter(seconds_per_call(calls, setups[0].warmup, setups[0].steps))
     steps = [(next(seconds), next(seconds) if m.torch_step else None) for m in measurements]
     splits = [{} for _ in measurements]
-    from mtard_tf.profiling import STEP_PARTS
+    from mtard_tf.job.profiling import STEP_PARTS
     for part in STEP_PARTS:
         for split, value in zip(splits, seconds_per_call([m.parts[part] for m in measurements],
                                                          setups[0].warmup, setups[0].steps)):
@@ -343,8 +343,8 @@ def pipeline_images_per_second(dataset, data_dir, batch_size, batches, source="m
     """Images/s of the training stream read from `source`, over `batches` batches after `warmup` (which start the
     parallel map and fill its buffers). The stream is iterated to the end of a finite slice of it, so no tf.data
     thread is still reading (by a Python function, for disk) when the process exits."""
-    from mtard_tf import data
-    stream = data.train_dataset(dataset, data_dir, batch_size, source=source).take(warmup + batches)
+    from mtard_tf.data import datasets
+    stream = datasets.train_dataset(dataset, data_dir, batch_size, source=source).take(warmup + batches)
     iterator = iter(stream)
     for _ in range(warmup):
         next(iterator)
@@ -388,7 +388,7 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     startup.start_tensorflow(verbose)
     import keras
-    from mtard_tf import distribute
+    from mtard_tf.job import distribute
     distribute.set_cpu_replicas(FLAGS.cpu_replicas)
     strategy = distribute.make_strategy()
     # "auto" as mtard_tf.main resolves it, on this device
