@@ -1,4 +1,5 @@
-"""The README's layout section is generated from the package: each module with the first sentence of its docstring.
+"""The README's layout section is generated from the package: each module, and each sub-package with its modules, with
+the first sentence of its docstring.
 
 `python tests/test_layout.py` prints the section; the test fails when the README's copy differs (a module added,
 removed or redescribed), so the layout the README shows is the tree's.
@@ -20,16 +21,32 @@ def first_sentence(text):
     return flat[:match.start() + 1] if match else flat
 
 
+def docstring(path):
+    with open(path) as f:
+        return ast.get_docstring(ast.parse(f.read())) or ""
+
+
+def entry(name, path, indent):
+    """`name` and the first sentence of the docstring of `path`, wrapped; descriptions start in one column."""
+    return textwrap.wrap(first_sentence(docstring(path)), width=118,
+                         initial_indent=f"{indent}{name:<{24 - len(indent)}} ", subsequent_indent=" " * 25)
+
+
 def layout():
+    """The package's modules, then each sub-package (its __init__ docstring) with its modules, alphabetically."""
     package = os.path.join(ROOT, "mtard_tf")
     lines = ["```", "mtard_tf/"]
-    for name in sorted(os.listdir(package)):
-        if not name.endswith(".py") or name == "__init__.py":
-            continue
-        with open(os.path.join(package, name)) as f:
-            docstring = ast.get_docstring(ast.parse(f.read())) or ""
-        lines += textwrap.wrap(first_sentence(docstring), width=118, initial_indent=f"  {name:<17} ",
-                               subsequent_indent=" " * 20)
+    names = sorted(os.listdir(package))
+    for name in names:
+        if name.endswith(".py") and name != "__init__.py":
+            lines += entry(name, os.path.join(package, name), "  ")
+    for name in names:
+        sub = os.path.join(package, name)
+        if os.path.isfile(os.path.join(sub, "__init__.py")):
+            lines += entry(name + "/", os.path.join(sub, "__init__.py"), "  ")
+            for module in sorted(os.listdir(sub)):
+                if module.endswith(".py") and module != "__init__.py":
+                    lines += entry(module, os.path.join(sub, module), "    ")
     return "\n".join([BEGIN, *lines, "```", END])
 
 

@@ -112,7 +112,7 @@ def test_method_flag(argv, method, monkeypatch):
 def test_method_needing_a_teacher_without_one_is_a_clear_error(mock_cifar, strategies, tmp_path):
     config = config_lib.make(model_dir=str(tmp_path), student="resnet18:width=2,blocks=1", epochs=1,
                              steps_per_epoch=1, batch_size=8, jit_compile="false", verbose=0)
-    with pytest.raises(runs.teachers.TeacherError, match="method 'ard' needs a robust teacher"):
+    with pytest.raises(runs.loading.TeacherError, match="method 'ard' needs a robust teacher"):
         runs.train_student(config_lib.replace(config, method="ard"), strategies[1])
     with pytest.raises(config_lib.ConfigError, match="unknown method 'madry'"):
         runs.train_student(config_lib.replace(config, method="madry"), strategies[1])
