@@ -10,16 +10,24 @@ from mtard_tf.job import startup
 FLAGS = flags.FLAGS
 
 MODES = ("all", "distill", "train_teacher", "evaluate", "export")
-config.define_flags(FLAGS)
-flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
-                  "evaluation, export, each skipped when its output exists; or one of those stages alone.")
-flags.DEFINE_enum("teacher", "clean", ["clean", "robust"], "Which teacher --mode=train_teacher trains.")
-flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on; --mode=evaluate "
-                    "also takes a .tflite export (with --source_model: transfer attacks from the float student, "
-                    "Square directly against the TFLite interpreter; report in "
-                    "<model_dir>/eval/tflite/<model name>-<version>/).")
-flags.DEFINE_boolean("dry_run", False, "Print the run's resolved configuration (as <model_dir>/config.json would "
-                     "hold it) and exit.")
+
+
+def define_flags(flag_values=FLAGS):
+    """Every configuration flag (config.define_flags) and the command's own (called by run())."""
+    config.define_flags(flag_values)
+    if "mode" in flag_values:
+        return
+    flags.DEFINE_enum("mode", "all", MODES, "all: teachers (trained unless given or present), the student, "
+                      "evaluation, export, each skipped when its output exists; or one of those stages alone.",
+                      flag_values=flag_values)
+    flags.DEFINE_enum("teacher", "clean", ["clean", "robust"], "Which teacher --mode=train_teacher trains.",
+                      flag_values=flag_values)
+    flags.DEFINE_string("model", None, "The .keras model that --mode=evaluate / --mode=export works on; "
+                        "--mode=evaluate also takes a .tflite export (with --source_model: transfer attacks from the "
+                        "float student, Square directly against the TFLite interpreter; report in "
+                        "<model_dir>/eval/tflite/<model name>-<version>/).", flag_values=flag_values)
+    flags.DEFINE_boolean("dry_run", False, "Print the run's resolved configuration (as <model_dir>/config.json "
+                         "would hold it) and exit.", flag_values=flag_values)
 
 
 def run_mode(mode, run_config, teacher=None, model=None):
@@ -64,6 +72,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

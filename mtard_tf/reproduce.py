@@ -35,26 +35,34 @@ from mtard_tf.errors import UserError
 from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
-
-config_lib.define_flags(FLAGS)
-flags.DEFINE_list("methods", list(config_lib.METHOD_NAMES), "Student methods to train and compare, in table order.")
-flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(config_lib.METHOD_NAMES)
-                         and len(set(v)) == len(v),
-                         f"--methods must be distinct names from {','.join(config_lib.METHOD_NAMES)}")
-
 RECIPES = ("equal", "reference")
-flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once per "
-                  "seed (the teachers once, with --seed); comparison.md then shows mean ± std over the seeds and the "
-                  "per-seed tests. Default: --seed.")
-flags.register_validator("seeds", lambda v: v is None or (bool(v) and all(s.strip().isdigit() for s in v)
-                                                          and len({int(s) for s in v}) == len(v)),
-                         "--seeds must be distinct non-negative integers, e.g. --seeds=0,1,2")
-flags.DEFINE_enum("recipe", "equal", RECIPES,
-                  "equal: every method trains with the same configuration (these flags). reference: each method "
-                  "with its reference recipe <recipe_dir>/<method>.cfg (--field=value lines), its epochs and "
-                  "milestones scaled by --epochs / 300.")
-flags.DEFINE_string("recipe_dir", None, "Directory of the --recipe=reference files <method>.cfg (default: "
-                    "flags/methods of this repository).")
+
+
+def define_flags(flag_values=FLAGS):
+    """Every configuration flag (config.define_flags) and the command's own (called by run())."""
+    config_lib.define_flags(flag_values)
+    if "methods" in flag_values:
+        return
+    flags.DEFINE_list("methods", list(config_lib.METHOD_NAMES), "Student methods to train and compare, in table "
+                      "order.", flag_values=flag_values)
+    flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(config_lib.METHOD_NAMES)
+                             and len(set(v)) == len(v),
+                             f"--methods must be distinct names from {','.join(config_lib.METHOD_NAMES)}",
+                             flag_values=flag_values)
+    flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once "
+                      "per seed (the teachers once, with --seed); comparison.md then shows mean ± std over the seeds "
+                      "and the per-seed tests. Default: --seed.", flag_values=flag_values)
+    flags.register_validator("seeds", lambda v: v is None or (bool(v) and all(s.strip().isdigit() for s in v)
+                                                              and len({int(s) for s in v}) == len(v)),
+                             "--seeds must be distinct non-negative integers, e.g. --seeds=0,1,2",
+                             flag_values=flag_values)
+    flags.DEFINE_enum("recipe", "equal", RECIPES,
+                      "equal: every method trains with the same configuration (these flags). reference: each method "
+                      "with its reference recipe <recipe_dir>/<method>.cfg (--field=value lines), its epochs and "
+                      "milestones scaled by --epochs / 300.", flag_values=flag_values)
+    flags.DEFINE_string("recipe_dir", None, "Directory of the --recipe=reference files <method>.cfg (default: "
+                        "flags/methods of this repository).", flag_values=flag_values)
+
 
 TEACHER_METHODS = {"natural": "Natural", "trades": "TRADES", "pgd_at": "SAT"}
 # The attack of the W-Robust column and of the trade-off plot's x axis: the strongest one evaluated.
@@ -604,6 +612,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     app.run(main)
 
 

@@ -99,6 +99,7 @@ def test_flag_names_match_the_registry():
 ])
 def test_method_flag(argv, method, monkeypatch):
     monkeypatch.chdir(main.os.path.dirname(main.os.path.dirname(main.__file__)))
+    main.define_flags()
     try:
         main.FLAGS(["main", *argv])
         config = config_lib.from_flags(main.FLAGS)

@@ -275,6 +275,7 @@ def test_seeds_and_recipe_flags_reach_reproduce(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(reproduce, "_run", lambda *args: calls.append(args))
     monkeypatch.setattr(reproduce.startup, "run_command", lambda make_config, body, verbose: body(make_config()))
+    reproduce.define_flags()
     try:
         flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={tmp_path}",
                      "--methods=sat,b_mtard", "--seed=5", f"--model_dir={tmp_path}"])

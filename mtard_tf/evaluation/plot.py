@@ -23,7 +23,7 @@ import sys
 
 from absl import app, flags, logging
 
-from mtard_tf import files
+from mtard_tf import config, files
 from mtard_tf.errors import UserError
 from mtard_tf.job import startup
 
@@ -147,19 +147,19 @@ def plot_balance(model_dir, path=None):
     return files.save_figure(figure, path)
 
 
-def define_flags():
-    """The command's flags; defined when the command runs, not on import, because mtard_tf.main (imported by tests
-    and by mtard_tf.reproduce in the same process) owns a --model_dir flag too."""
-    if "model_dir" not in FLAGS:
-        flags.DEFINE_string("model_dir", None, "The run's model directory (holding tensorboard/).")
-    if "output" not in FLAGS:
-        flags.DEFINE_string("output", None, "Where to write the PNG (default <model_dir>/balance.png).")
+def define_flags(flag_values=FLAGS):
+    """The configuration's --model_dir (config.define_flags; required here) and the command's own --output (called
+    by run())."""
+    config.define_flags(flag_values, names=("model_dir",))
+    if "output" not in flag_values:
+        flags.DEFINE_string("output", None, "Where to write the PNG (default <model_dir>/balance.png).",
+                            flag_values=flag_values)
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.model_dir:
+    if not FLAGS["model_dir"].present or not FLAGS.model_dir:
         sys.exit("error: --model_dir is required")
     verbose = FLAGS["verbosity"].present
     if not verbose:

@@ -25,11 +25,11 @@ import tensorflow as tf
 from absl import logging
 
 from mtard_tf import files
+from mtard_tf.config import ATTACK_NAMES, AttackConfig, EvalConfig
 from mtard_tf.attacks import autoattack, white_box as attacks_lib
 from mtard_tf.evaluation import stats
 from mtard_tf.methods import losses
 
-ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 DISPLAY_NAMES = {
     "clean": "Clean",
     "fgsm": "FGSM",
@@ -41,7 +41,6 @@ DISPLAY_NAMES = {
     "square": "Square",
     "worst_case": "Worst case",
 }
-DEFAULT_EPSILON = 8.0 / 255.0
 # Beside report.json: one bool array of per-image robust flags per attack name, and "labels".
 PER_IMAGE_FILE = "per_image.npz"
 
@@ -93,7 +92,7 @@ def _build_white_box(model, image_shape, *, epsilon, steps, step_size, random_st
 def _white_box_attack(name):
     config = WHITE_BOX[name]
 
-    def attack(model, x, y, *, epsilon=DEFAULT_EPSILON, seed=0, jit_compile=False, **unused):
+    def attack(model, x, y, *, epsilon=AttackConfig.epsilon, seed=0, jit_compile=False, **unused):
         x = tf.convert_to_tensor(x, tf.float32)
         y = tf.cast(tf.convert_to_tensor(y), tf.int32)
         image_shape = tuple(x.shape[1:])
@@ -116,7 +115,7 @@ def _clean(model, x, y, **unused):
     return tf.convert_to_tensor(x, tf.float32)
 
 
-def _autoattack(model, x, y, *, epsilon=DEFAULT_EPSILON, seed=0, jit_compile=False, progress=None, **options):
+def _autoattack(model, x, y, *, epsilon=AttackConfig.epsilon, seed=0, jit_compile=False, progress=None, **options):
     """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square); `options` may reduce its budgets (tests only)."""
     x_adv, _ = autoattack.autoattack_standard(model, x, y, epsilon=epsilon, seed=seed, progress=progress,
                                               jit_compile=jit_compile, **options)
@@ -327,9 +326,9 @@ def _batch_seed(seed, attack_index, batch_index):
     return int(np.random.SeedSequence([int(seed), attack_index, batch_index]).generate_state(1)[0])
 
 
-def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
-             seed=0, output_dir, summary_writer=None, progress=True, step=0, jit_compile=False, attack_options=None,
-             title=None, selection=None, model_file=None):
+def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsilon, num_examples=None,
+             batch_size=EvalConfig.batch_size, seed=0, output_dir, summary_writer=None, progress=True, step=0,
+             jit_compile=False, attack_options=None, title=None, selection=None, model_file=None):
     """Accuracy of `model` under each attack on the first `num_examples` examples of `dataset`.
 
     Args:
@@ -467,8 +466,9 @@ def _craft(name, model, x, y, *, epsilon, seed, square_queries):
     return ATTACKS[name](model, x, y, epsilon=epsilon, seed=seed)
 
 
-def evaluate_deployed(deployed, source, dataset, *, epsilon=DEFAULT_EPSILON, num_examples=None, batch_size=250,
-                      seed=0, square_queries=5000, output_dir, progress=True, details=None, title=None):
+def evaluate_deployed(deployed, source, dataset, *, epsilon=AttackConfig.epsilon, num_examples=None,
+                      batch_size=EvalConfig.batch_size, seed=0, square_queries=EvalConfig.square_queries, output_dir,
+                      progress=True, details=None, title=None):
     """Robustness of a deployed model beside the float model it was converted from, on the same images.
 
     `deployed` is a callable images -> logits without gradients (a tflite.TFLiteModel); `source` the float Keras

@@ -9,7 +9,7 @@ import time
 import keras
 
 from mtard_tf import files
-from mtard_tf.config import ConfigError
+from mtard_tf.config import ConfigError, EvalConfig
 from mtard_tf.data import datasets
 from mtard_tf.evaluation import robustness
 from mtard_tf.job import checkpointing, distribute, profiling, summaries
@@ -112,11 +112,8 @@ def _prepare(config, strategy):
 
 def _build_trainer(config, strategy, method, network, frozen, learning_rate, schedule, eval_attack_steps):
     """The method's trainer of `network` (registry.METHODS), compiled with SGD at `learning_rate`."""
-    attack = config.attack
-    trainer = registry.get_method(method).build(
-        network, frozen, config, schedule, epsilon=attack.epsilon, attack_steps=attack.steps,
-        attack_step_size=attack.step_size, weight_decay=config.schedule.weight_decay,
-        eval_attack_steps=eval_attack_steps, seed=config.runtime.seed)
+    trainer = registry.get_method(method).build(network, frozen, config, schedule,
+                                                **registry.trainer_arguments(config, eval_attack_steps))
     trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=config.schedule.momentum),
                     jit_compile=distribute.use_xla(strategy, config.runtime.jit_compile))
     return trainer
@@ -193,7 +190,8 @@ def select_epochs(epochs, milestones, every_before=20):
 
 
 class ModelSelection(keras.callbacks.Callback):
-    """Keeps the best model by (clean + PGD-TRADES-20)/2 on the selection split, at the epochs of select_epochs.
+    """Keeps the best model by (clean + PGD-TRADES-20)/2 on the selection split, at the epochs of select_epochs,
+    in batches of the evaluation's default batch size (config.EvalConfig; --eval_batch_size does not apply).
 
     The split is the test split (`best_test`, the reference's protocol, which makes the selected model's test
     figures optimistic) or the held-out end of the train split (`best_holdout`). Each evaluation's report is kept in
@@ -214,11 +212,12 @@ class ModelSelection(keras.callbacks.Callback):
         dataset, data_dir = config.data.dataset, config.data.data_dir
         if self.selection.select == "best_test":
             self.split = datasets.load_info(dataset, data_dir).test_split
-            self.dataset = datasets.eval_dataset(dataset, data_dir, 250, self.selection.examples)
+            self.dataset = datasets.eval_dataset(dataset, data_dir, EvalConfig.batch_size, self.selection.examples)
         else:
             self.split = f"train[-{self.selection.holdout_examples}:] (held out)"
-            self.dataset = datasets.holdout_dataset(dataset, data_dir, 250, self.selection.holdout_examples,
-                                                self.selection.examples, source=train_source(config))
+            self.dataset = datasets.holdout_dataset(dataset, data_dir, EvalConfig.batch_size,
+                                                    self.selection.holdout_examples, self.selection.examples,
+                                                    source=train_source(config))
 
     def record(self):
         path = os.path.join(self.directory, "selection.json")

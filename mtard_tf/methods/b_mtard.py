@@ -15,6 +15,7 @@ Statistics that drive the balancing rules are cross-replica means, so the state 
 import tensorflow as tf
 
 from mtard_tf.attacks import white_box
+from mtard_tf.config import BalanceConfig
 from mtard_tf.methods import balancing, losses
 from mtard_tf.methods.trainer import global_mean, Trainer
 
@@ -29,9 +30,10 @@ def _value_at(rate, step):
 class Distiller(Trainer):
     """Distils `student` from a clean teacher (on x) and a robust teacher (on the student's adversarial x')."""
 
-    def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", kl_scale=1.0,
-                 weight_rate=0.025, temperature_rate=0.001, temperature_min=1.0, temperature_max=10.0, beta=1.0,
-                 **kwargs):
+    def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", kl_scale=BalanceConfig.kl_scale,
+                 weight_rate=BalanceConfig.weight_rate, temperature_rate=BalanceConfig.temperature_rate,
+                 temperature_min=BalanceConfig.temperature_min, temperature_max=BalanceConfig.temperature_max,
+                 beta=BalanceConfig.beta, **kwargs):
         super().__init__(student, **kwargs)
         if balance not in BALANCES:
             raise ValueError(f"unknown balance '{balance}', expected one of {', '.join(BALANCES)}")

@@ -37,6 +37,7 @@ L79-80). It does not apply to AdaAD, whose code has no such factor: its CIFAR-10
 import tensorflow as tf
 
 from mtard_tf.attacks import white_box
+from mtard_tf.config import BalanceConfig, BaselineConfig
 from mtard_tf.methods import losses
 from mtard_tf.methods.trainer import symmetric_uniform, Trainer
 
@@ -62,7 +63,7 @@ class AdversarialTrainer(Trainer):
 
     METHODS = ("trades", "pgd_at")
 
-    def __init__(self, model, *, method="trades", trades_beta=6.0, **kwargs):
+    def __init__(self, model, *, method="trades", trades_beta=BaselineConfig.trades_beta, **kwargs):
         super().__init__(model, **kwargs)
         if method not in self.METHODS:
             raise ValueError(f"unknown robust method '{method}', expected one of {', '.join(self.METHODS)}")
@@ -110,7 +111,8 @@ class _SingleTeacherTrainer(Trainer):
 class ARDTrainer(_SingleTeacherTrainer):
     """Adversarially Robust Distillation: the teacher's clean soft labels at temperature tau, on the student's PGD."""
 
-    def __init__(self, student, teacher, *, temperature=30.0, alpha=1.0, **kwargs):
+    def __init__(self, student, teacher, *, temperature=BaselineConfig.ard_temperature, alpha=BaselineConfig.ard_alpha,
+                 **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.temperature = float(temperature)
         self.alpha = float(alpha)
@@ -135,7 +137,8 @@ class ARDTrainer(_SingleTeacherTrainer):
 class RSLADTrainer(_SingleTeacherTrainer):
     """Robust Soft Label Adversarial Distillation: the teacher's clean soft labels on both x' and x."""
 
-    def __init__(self, student, teacher, *, adv_weight=5 / 6, kl_scale=1.0, **kwargs):
+    def __init__(self, student, teacher, *, adv_weight=BaselineConfig.rslad_adv_weight, kl_scale=BalanceConfig.kl_scale,
+                 **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.adv_weight = float(adv_weight)
         self.kl_scale = float(kl_scale)
@@ -162,7 +165,7 @@ class RSLADTrainer(_SingleTeacherTrainer):
 class AdaADTrainer(_SingleTeacherTrainer):
     """Adaptive Adversarial Distillation: x' is where teacher and student disagree most; match the teacher there."""
 
-    def __init__(self, student, teacher, *, alpha=1.0, **kwargs):
+    def __init__(self, student, teacher, *, alpha=BaselineConfig.adaad_alpha, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.alpha = float(alpha)
 

@@ -57,7 +57,8 @@ def margin_loss(labels, logits, kappa=50.0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Each method's training loss, per example. The train_steps in teachers.py, baselines.py and distiller.py call these.
+# Each method's training loss, per example. The train_steps in baselines.py and b_mtard.py call these with their
+# hyper-parameters (whose defaults are the configuration's, config.py).
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -71,19 +72,19 @@ def sat_loss(labels, adv_logits):
     return cross_entropy(labels, adv_logits)
 
 
-def trades_loss(labels, logits, adv_logits, beta=6.0):
+def trades_loss(labels, logits, adv_logits, beta):
     """CE(S(x), y) + beta * sum_c KL(S(x) || S(x')); yaodongyu/TRADES trades.py L27, L79-83 (KL summed, then / B)."""
     return cross_entropy(labels, logits) + beta * kl_divergence(logits, adv_logits)
 
 
-def ard_loss(labels, teacher_logits, adv_logits, logits, temperature=30.0, alpha=1.0):
+def ard_loss(labels, teacher_logits, adv_logits, logits, temperature, alpha):
     """alpha tau^2 KL(T(x)/tau || S(x')/tau) / C + (1 - alpha) CE(S(x), y); goldblum/AdversariallyRobustDistillation
     main.py L113 (nn.KLDivLoss(): mean over B x C) and L127."""
     kl = class_mean_kl_divergence(teacher_logits, adv_logits, temperature)
     return alpha * temperature ** 2 * kl + (1.0 - alpha) * cross_entropy(labels, logits)
 
 
-def rslad_loss(teacher_logits, adv_logits, logits, adv_weight=5 / 6, kl_scale=1.0):
+def rslad_loss(teacher_logits, adv_logits, logits, adv_weight, kl_scale):
     """kl_scale (w l(S(x'), T(x)) + (1 - w) l(S(x), T(x))), l = distillation_kl; zibojia/RSLAD
     resnet18_rslad_cifar10.py L38-40, L59-63 (kl_scale 10: resnet18_rslad_cifar100.py L63-66)."""
     soft_labels = teacher_probabilities(teacher_logits)
@@ -99,12 +100,12 @@ def adaad_kl(target_logits, logits):
     return kl_divergence(target_logits, logits) / divisor
 
 
-def adaad_loss(teacher_adv_logits, adv_logits, teacher_logits, logits, alpha=1.0):
+def adaad_loss(teacher_adv_logits, adv_logits, teacher_logits, logits, alpha):
     """alpha adaad_kl(T(x'), S(x')) + (1 - alpha) adaad_kl(T(x), S(x)); boyellow/AdaAD main.py L341-353."""
     return alpha * adaad_kl(teacher_adv_logits, adv_logits) + (1.0 - alpha) * adaad_kl(teacher_logits, logits)
 
 
-def multi_teacher_loss(adv_logits, probs_adv, logits, probs_nat, weight_adv, weight_nat, kl_scale=1.0):
+def multi_teacher_loss(adv_logits, probs_adv, logits, probs_nat, weight_adv, weight_nat, kl_scale):
     """kl_scale (w_adv l(S(x'), p_a) + w_nat l(S(x), p_n)), l = distillation_kl (B-MTARD and MTARD);
     zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py L56-58, L122-125, L169 (kl_scale 10: zhaoshiji123/MTARD
     mtard/mtard_resnet18_cifar100.py L79-80)."""

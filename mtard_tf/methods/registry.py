@@ -90,6 +90,16 @@ METHOD_NAMES = tuple(METHODS)
 TEACHER_TRAINING = {"natural": "natural", "trades": "trades", "pgd_at": "sat"}
 
 
+def trainer_arguments(config, eval_attack_steps=None):
+    """The Trainer arguments every method shares, from config.Config `config`: the training attack, the weight decay,
+    the validation attack's steps (`eval_attack_steps`, default config.attack.eval_steps) and the seed."""
+    attack = config.attack
+    return dict(epsilon=attack.epsilon, attack_steps=attack.steps, attack_step_size=attack.step_size,
+                weight_decay=config.schedule.weight_decay,
+                eval_attack_steps=attack.eval_steps if eval_attack_steps is None else eval_attack_steps,
+                seed=config.runtime.seed)
+
+
 def get_method(name):
     """The registered Method called `name`; ValueError naming the choices otherwise."""
     if name not in METHODS:

@@ -11,7 +11,12 @@ import keras
 import tensorflow as tf
 
 from mtard_tf.attacks import white_box
+from mtard_tf.config import AttackConfig, ScheduleConfig
 from mtard_tf.methods import keras_repairs, losses
+
+# The step of the end-of-epoch validation's PGD: PGD-SAT's 2/255 (evaluation/robustness.py), whatever the training
+# attack's step.
+EVAL_STEP_SIZE = 2 / 255
 
 
 def global_mean(per_example):
@@ -52,8 +57,9 @@ class Trainer(keras.Model):
             cls = keras_repairs.with_multi_worker_repairs(cls)
         return super().__new__(cls, *args, **kwargs)
 
-    def __init__(self, model, *, epsilon=8 / 255, attack_steps=10, attack_step_size=2 / 255,
-                 weight_decay=2e-4, eval_attack_steps=20, eval_step_size=2 / 255, seed=0, **kwargs):
+    def __init__(self, model, *, epsilon=AttackConfig.epsilon, attack_steps=AttackConfig.steps,
+                 attack_step_size=AttackConfig.step_size, weight_decay=ScheduleConfig.weight_decay,
+                 eval_attack_steps=AttackConfig.eval_steps, eval_step_size=EVAL_STEP_SIZE, seed=0, **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.epsilon = float(epsilon)

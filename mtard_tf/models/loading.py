@@ -1,6 +1,6 @@
 """Teachers and other model files: loading a .keras file and checking that it fits the dataset.
 
-Any Keras model mapping the dataset's [0, 1] images to C logits is a valid teacher (methods.py trains them).
+Any Keras model mapping the dataset's [0, 1] images to C logits is a valid teacher (methods/baselines.py trains them).
 """
 
 import os

@@ -271,19 +271,25 @@ def describe_normalization(model):
     return f"inputs normalised by mean ({mean}), std ({std})"
 
 
-def _define_flags():
+def define_flags(flag_values=None):
+    """The command's flags (called by run())."""
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models.architectures: wrn34_10, resnet56, resnet18, mobilenetv2, "
-                        "dm_wrn (with :key=value kwargs for non-default sizes or normalize=cifar10).")
-    flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (.pt / .pth) holding a state dict.")
-    flags.DEFINE_integer("num_classes", 10, "Number of classes of the checkpoint's classifier.")
-    flags.DEFINE_string("out", None, "Where to write the Keras model (.keras).")
+    flag_values = flags.FLAGS if flag_values is None else flag_values
+    if "arch" in flag_values:
+        return
+    flags.DEFINE_string("arch", None, "Model spec of mtard_tf.models.architectures: wrn34_10, resnet56, resnet18, "
+                        "mobilenetv2, dm_wrn (with :key=value kwargs for non-default sizes or normalize=cifar10).",
+                        flag_values=flag_values)
+    flags.DEFINE_string("checkpoint", None, "PyTorch checkpoint file (.pt / .pth) holding a state dict.",
+                        flag_values=flag_values)
+    flags.DEFINE_integer("num_classes", 10, "Number of classes of the checkpoint's classifier.",
+                         flag_values=flag_values)
+    flags.DEFINE_string("out", None, "Where to write the Keras model (.keras).", flag_values=flag_values)
     flags.DEFINE_bool("trust_checkpoint", False,
                       "Read the checkpoint with torch.load(weights_only=False): only for trusted files that pickle "
-                      "more than tensors.")
-    flags.mark_flags_as_required(["arch", "checkpoint", "out"])
-    return flags.FLAGS
+                      "more than tensors.", flag_values=flag_values)
+    flags.mark_flags_as_required(["arch", "checkpoint", "out"], flag_values=flag_values)
 
 
 def main(argv):
@@ -307,8 +313,12 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def run():
     from absl import app  # pylint: disable=import-outside-toplevel
 
-    _define_flags()
+    define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

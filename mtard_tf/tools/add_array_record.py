@@ -12,11 +12,15 @@ import sys
 
 from absl import app, flags, logging
 
+from mtard_tf import config
 from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "cifar10", "tensorflow-datasets dataset name.")
-flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory (default: tfds' own, ~/tensorflow_datasets).")
+
+
+def define_flags(flag_values=FLAGS):
+    """The configuration's --dataset and --data_dir (config.define_flags; called by run())."""
+    config.define_flags(flag_values, names=("dataset", "data_dir"))
 
 
 def main(argv):
@@ -41,5 +45,10 @@ def main(argv):
     return 0
 
 
-if __name__ == "__main__":
+def run():
+    define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()

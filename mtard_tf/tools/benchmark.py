@@ -43,33 +43,50 @@ import time
 
 from absl import app, flags, logging
 
+from mtard_tf import config as config_lib
 from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("student", "resnet18:width=8", "Student architecture.")
-flags.DEFINE_string("clean_teacher_arch", "resnet56:depth=14", "Clean teacher architecture.")
-flags.DEFINE_string("robust_teacher_arch", "wrn34_10:depth=10,widen=2", "Robust teacher architecture.")
-flags.DEFINE_integer("batch_size", 32, "Global batch size.", lower_bound=1)
-flags.DEFINE_integer("steps", 3, "Timed steps per measurement.", lower_bound=1)
-flags.DEFINE_integer("warmup", 1, "Untimed steps before timing (tracing, compilation).", lower_bound=1)
-flags.DEFINE_integer("attack_steps", 10, "PGD steps of the training attack.", lower_bound=1)
-flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices.", lower_bound=1)
-flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure (one JSON line each).")
-flags.DEFINE_list("precision", ["float32"], "Keras dtype policies of the models (float32, mixed_float16, "
-                  "mixed_bfloat16, or auto as mtard_tf.main resolves it), one configuration each.")
-flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the device's rate.")
-flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), alternating "
-                  "with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.")
-flags.DEFINE_integer("pipeline_batches", 0, "If > 0, also time this many batches of the real input pipeline.")
-flags.DEFINE_list("pipeline_sources", ["memory"], "Train sources of the input-pipeline measurement (memory, disk: "
-                  "see --train_source of mtard_tf.main), one JSON line each.")
-flags.register_validator("pipeline_sources", lambda sources: {s.strip() for s in sources} <= {"memory", "disk"},
-                         "--pipeline_sources must be a list of memory, disk")
-flags.DEFINE_string("dataset", "cifar10", "Dataset of the input-pipeline measurement.")
-flags.DEFINE_string("data_dir", None, "tfds data directory of the input-pipeline measurement.")
-flags.DEFINE_string("profile_dir", None, "If set, one more step of each configuration is traced with the "
-                    "TensorFlow profiler into <profile_dir>/<configuration> (tensorboard --logdir=<profile_dir>), and "
-                    "its record gets the trace's op time by part of the step and its top op types.")
+# The benchmark's own meaning of three names of the run's flags: the settings to measure side by side, one
+# configuration each (lists, where the run takes one value), and a trace of one more step of each configuration.
+OWN_FLAGS = ("jit_compile", "precision", "profile_dir")
+
+
+def define_flags(flag_values=FLAGS):
+    """The benchmark's own flags, then every other flag of a run (config.define_flags: the models, the batch size,
+    the attack, the balancing, the optimizer, the dataset; e.g. --flagfile=flags/cpu_small.cfg); called by run()."""
+    if "steps" not in flag_values:
+        flags.DEFINE_integer("steps", 3, "Timed steps per measurement.", lower_bound=1, flag_values=flag_values)
+        flags.DEFINE_integer("warmup", 1, "Untimed steps before timing (tracing, compilation).", lower_bound=1,
+                             flag_values=flag_values)
+        flags.DEFINE_list("jit_compile", ["false", "true"], "XLA settings to measure (one JSON line each).",
+                          flag_values=flag_values)
+        flags.DEFINE_list("precision", ["float32"], "Keras dtype policies of the models (float32, mixed_float16, "
+                          "mixed_bfloat16, or auto as mtard_tf.main resolves it), one configuration each.",
+                          flag_values=flag_values)
+        flags.DEFINE_integer("matmul_size", 2048, "Side of the square matmul that measures the device's rate.",
+                             flag_values=flag_values)
+        flags.DEFINE_bool("compare_torch", False, "Also time the same step in PyTorch eager mode (needs torch), "
+                          "alternating with TensorFlow's steps, and report torch_images_per_s and speedup_vs_torch.",
+                          flag_values=flag_values)
+        flags.DEFINE_integer("pipeline_batches", 0, "If > 0, also time this many batches of the real input "
+                             "pipeline (--dataset, --data_dir).", flag_values=flag_values)
+        flags.DEFINE_list("pipeline_sources", ["memory"], "Train sources of the input-pipeline measurement (memory, "
+                          "disk: see --train_source), one JSON line each.", flag_values=flag_values)
+        flags.register_validator("pipeline_sources",
+                                 lambda sources: {s.strip() for s in sources} <= {"memory", "disk"},
+                                 "--pipeline_sources must be a list of memory, disk", flag_values=flag_values)
+        flags.DEFINE_string("profile_dir", None, "If set, one more step of each configuration is traced with the "
+                            "TensorFlow profiler into <profile_dir>/<configuration> (tensorboard "
+                            "--logdir=<profile_dir>), and its record gets the trace's op time by part of the step and "
+                            "its top op types.", flag_values=flag_values)
+    config_lib.define_flags(flag_values)
+
+
+def run_config(flag_values):
+    """The Config of the parsed run flags (all but OWN_FLAGS, which keep their defaults there)."""
+    return config_lib.from_flags(flag_values, names={option.name for option in config_lib.options()
+                                                     if option.name not in OWN_FLAGS})
 
 
 def forward_flops(model, image_shape):
@@ -133,27 +150,41 @@ def peak_memory_mb():
 
 @dataclasses.dataclass(frozen=True)
 class Setup:
-    """What one measurement builds and how long it times."""
-    student: str
-    clean_teacher: str
-    robust_teacher: str
-    batch_size: int
-    attack_steps: int
+    """What one measurement builds (the run's configuration `config`, at `precision`) and how long it times."""
+    config: config_lib.Config
     warmup: int
     steps: int
     precision: str
     compare_torch: bool = False
 
+    @property
+    def student(self):
+        return self.config.student
 
-LEARNING_RATE = 0.1
-MOMENTUM = 0.9
+    @property
+    def clean_teacher(self):
+        return self.config.clean_teacher.arch
+
+    @property
+    def robust_teacher(self):
+        return self.config.robust_teacher.arch
+
+    @property
+    def batch_size(self):
+        return self.config.schedule.batch_size
+
+    @property
+    def attack_steps(self):
+        return self.config.attack.steps
 
 
 def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3)):
-    """The compiled Distiller of `setup`, its models built under the Keras dtype policy `setup.precision`."""
+    """The compiled B-MTARD Distiller of `setup.config`, as a run builds it (its balancing rates constant: the
+    milestones are epochs away), its models built under the Keras dtype policy `setup.precision`."""
     import keras
-    from mtard_tf.methods.b_mtard import Distiller
+    from mtard_tf.methods import registry
     from mtard_tf.models import architectures
+    config = setup.config
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy(setup.precision)
     try:
@@ -161,8 +192,11 @@ def build(setup, jit_compile, strategy, num_classes=10, image_shape=(32, 32, 3))
             student = architectures.build_model(setup.student, num_classes, image_shape)
             clean = architectures.build_model(setup.clean_teacher, num_classes, image_shape)
             robust = architectures.build_model(setup.robust_teacher, num_classes, image_shape)
-            distiller = Distiller(student, clean, robust, attack_steps=setup.attack_steps)
-            distiller.compile(optimizer=keras.optimizers.SGD(LEARNING_RATE, momentum=MOMENTUM),
+            distiller = registry.get_method("b_mtard").build(
+                student, {"clean": clean, "robust": robust}, config, lambda rate: rate,
+                **registry.trainer_arguments(config))
+            distiller.compile(optimizer=keras.optimizers.SGD(config.schedule.learning_rate,
+                                                             momentum=config.schedule.momentum),
                               jit_compile=jit_compile)
             # Keras' fit builds the optimizer before its first step; the benchmark calls the step itself, and under
             # several replicas slot variables created inside the step function fail.
@@ -178,7 +212,8 @@ def build_torch_step(setup, distiller, num_classes=10):
     from mtard_tf.pytorch.step import TorchBMTARDStep
     return TorchBMTARDStep.from_specs(
         setup.student, setup.clean_teacher, setup.robust_teacher, num_classes,
-        device="cuda" if torch.cuda.is_available() else "cpu", learning_rate=LEARNING_RATE, momentum=MOMENTUM,
+        device="cuda" if torch.cuda.is_available() else "cpu", learning_rate=setup.config.schedule.learning_rate,
+        momentum=setup.config.schedule.momentum,
         weight_decay=distiller.weight_decay, epsilon=distiller.epsilon, attack_step_size=distiller.attack_step_size,
         attack_steps=distiller.attack_steps, kl_scale=distiller.kl_scale, weight_rate=distiller.weight_rate,
         temperature_rate=distiller.temperature_rate, temperature_min=distiller.temperature_min,
@@ -360,22 +395,27 @@ def import_torch_passively_waiting():
     import torch  # noqa: F401
 
 
-def precisions():
-    """The distinct --precision values, in order; or a one-line error message."""
-    from mtard_tf.config import PRECISIONS
-    allowed = ("auto", *PRECISIONS)
-    unknown = [value for value in FLAGS.precision if value not in allowed]
-    if unknown or not FLAGS.precision:
-        return f"--precision={','.join(FLAGS.precision)}: expected a list of {', '.join(allowed)}"
-    return list(dict.fromkeys(FLAGS.precision))
+def precisions(values):
+    """The distinct --precision `values`, in order; or a one-line error message."""
+    allowed = ("auto", *config_lib.PRECISIONS)
+    unknown = [value for value in values if value not in allowed]
+    if unknown or not values:
+        return f"--precision={','.join(values)}: expected a list of {', '.join(allowed)}"
+    return list(dict.fromkeys(values))
 
 
 def main(argv):
     del argv
-    policies = precisions()
+    policies = precisions(FLAGS.precision)
     if isinstance(policies, str):
         print(f"error: {policies}", file=sys.stderr)
         return 1
+    try:
+        config = run_config(FLAGS)
+    except config_lib.ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    batch_size = config.schedule.batch_size
     if FLAGS.compare_torch:
         try:
             import_torch_passively_waiting()
@@ -389,15 +429,13 @@ def main(argv):
     startup.start_tensorflow(verbose)
     import keras
     from mtard_tf.job import distribute
-    distribute.set_cpu_replicas(FLAGS.cpu_replicas)
+    distribute.set_cpu_replicas(config.runtime.cpu_replicas)
     strategy = distribute.make_strategy()
     # "auto" as mtard_tf.main resolves it, on this device
     policies = list(dict.fromkeys(distribute.resolve_precision(policy)[0] for policy in policies))
-    setups = [Setup(FLAGS.student, FLAGS.clean_teacher_arch, FLAGS.robust_teacher_arch, FLAGS.batch_size,
-                    FLAGS.attack_steps, FLAGS.warmup, FLAGS.steps, policy, FLAGS.compare_torch)
-              for policy in policies]
-    if FLAGS.batch_size % strategy.num_replicas_in_sync:
-        print(f"error: batch size {FLAGS.batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
+    setups = [Setup(config, FLAGS.warmup, FLAGS.steps, policy, FLAGS.compare_torch) for policy in policies]
+    if batch_size % strategy.num_replicas_in_sync:
+        print(f"error: batch size {batch_size} is not divisible by {strategy.num_replicas_in_sync} replicas",
               file=sys.stderr)
         return 1
     if FLAGS.compare_torch:
@@ -421,17 +459,22 @@ def main(argv):
     from mtard_tf.errors import UserError
     for source in FLAGS.pipeline_sources if FLAGS.pipeline_batches else ():
         try:
-            rate = pipeline_images_per_second(FLAGS.dataset, FLAGS.data_dir, FLAGS.batch_size,
+            rate = pipeline_images_per_second(config.data.dataset, config.data.data_dir, batch_size,
                                               FLAGS.pipeline_batches, source.strip())
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         record = {"input_pipeline_images_per_s": round(rate, 1), "train_source": source.strip(),
-                  "batch_size": FLAGS.batch_size}
+                  "batch_size": batch_size}
         if step_rates:
             record.update(step_images_per_s=max(step_rates), pipeline_over_step=round(rate / max(step_rates), 1))
         print(json.dumps(record), flush=True)
     return 0
 
-if __name__ == "__main__":
+def run():
+    define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    run()
