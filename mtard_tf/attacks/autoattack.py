@@ -28,9 +28,8 @@ Every function runs the model with `training=False`, works in [0,1] and in the L
 its output onto both once more as a final guarantee, and returns a constant tensor. Heavy loops are
 `tf.while_loop`s inside `tf.function`s, built once per (model, settings, image shape) and cached. `jit_compile=True`
 compiles APGD and FAB with XLA (one device only; the shrinking batches are padded to a few sizes to bound
-recompilation). It is off by default: on the 2-core CPU, XLA made the attack loops of conv nets 2.5-4x slower
-than the default (oneDNN) path (`python -m mtard_tf.tools.benchmark`, README "Performance and scale"). Square never uses
-XLA: like the reference, it shrinks its batch to the images not yet broken at every query. Models must return logits.
+recompilation). It is off by default: on a CPU, XLA made the attack loops of conv nets slower than the default
+(oneDNN) path (`python -m mtard_tf.tools.benchmark`; the figures are in docs/performance.md). Square never uses XLA: like the reference, it shrinks its batch to the images not yet broken at every query. Models must return logits.
 """
 
 import math

@@ -339,7 +339,7 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
       output_dir: where report.json and report.md go (created if needed).
       summary_writer: optional tf.summary writer; scalars eval/<attack>_{accuracy,w_robust,seconds} at `step`.
       progress: show a keras Progbar per attack. jit_compile: XLA for the gradient attacks (one device only; off
-        by default: on the 2-core CPU XLA made conv-net attack loops 2.5-4x slower than oneDNN).
+        by default: on a CPU XLA made conv-net attack loops slower than oneDNN, docs/performance.md).
       attack_options: {attack name: extra keyword arguments}, e.g. reduced AutoAttack budgets for tests.
       selection: how the evaluated model was selected (the "selection" entry of its student.json), kept in the
         report and stated in report.md.

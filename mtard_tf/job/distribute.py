@@ -79,8 +79,8 @@ def use_xla(strategy, requested="auto"):
     """XLA for the train step: "true" / "false" as requested; "auto": on for a single GPU replica only.
 
     XLA fails under MirroredStrategy with several replicas ("resource ... located in device CPU:1 from device
-    CPU:0"), and on the 2-core CPU it made the B-MTARD step 2.5x (paper models) to 4x (small models) slower
-    (`python -m mtard_tf.tools.benchmark`, README "Performance and scale").
+    CPU:0"), and on a CPU it made the B-MTARD step several times slower (`python -m mtard_tf.tools.benchmark`; the
+    figures are in docs/performance.md).
     """
     if requested != "auto":
         return requested == "true"

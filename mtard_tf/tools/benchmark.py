@@ -17,9 +17,9 @@ steps, data and precision) is timed in the same run, its steps alternating with 
 ...) so that a change of the machine's load affects both alike, and the line adds `torch_images_per_s` and
 `speedup_vs_torch` (TensorFlow images/s over PyTorch images/s). PyTorch gets TensorFlow's intra-op thread count, and
 its OpenMP threads wait passively (OMP_WAIT_POLICY=PASSIVE unless set): with spinning waits, on a machine that
-another process also loads, each parallel region waits for a descheduled thread while the others spin (a ResNet-18
-forward was 4.5x slower with 2 threads than with 1 on a shared 2-core machine); TensorFlow's thread pool hands a
-region's shards to whichever thread is free, so it does not stall that way.
+another process also loads, each parallel region waits for a descheduled thread while the others spin (measured in
+docs/performance.md); TensorFlow's thread pool hands a region's shards to whichever thread is free, so it does not
+stall that way.
 
 FLOPs of one step, from the models' forward FLOPs per image F (counted once by TensorFlow's profiler):
     B * (F_student * (2K + 6) + F_robust + F_clean)
