@@ -37,7 +37,8 @@ ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 SELECT_MODES = ("last", "best_test", "best_holdout")
 EXPORT_FORMATS = ("savedmodel", "tflite")
 QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.export.tflite.convert)
-TRAIN_SOURCES = ("auto", "memory", "disk")  # where the train stream reads the split (mtard_tf.data.datasets.train_source)
+# Where the train stream reads the split (mtard_tf.data.datasets.train_source).
+TRAIN_SOURCES = ("auto", "memory", "disk")
 
 
 def option(default, help, *, flag=None, choices=None, lower=None, upper=None, check=None, factory=None):
@@ -67,8 +68,8 @@ class DataConfig:
                                           "<data_dir>/downloads/manual/).")
     train_source: str = option("auto", "Where the training stream reads the train split: memory (held as uint8 "
                                "tensors), disk (each example read by index from the dataset's ArrayRecord files, which "
-                               "python -m mtard_tf.tools.add_array_record adds), auto: memory when the split takes at most "
-                               "--in_memory_limit_gb as uint8, else disk. Both give identical batches.",
+                               "python -m mtard_tf.tools.add_array_record adds), auto: memory when the split takes at "
+                               "most --in_memory_limit_gb as uint8, else disk. Both give identical batches.",
                                choices=TRAIN_SOURCES)
     in_memory_limit_gb: float = option(4.0, "With --train_source=auto: the largest train split (GB of uint8 pixels) "
                                        "held in memory.", lower=0.0)
@@ -176,7 +177,8 @@ class TeacherConfig:
     file is missing). The same type serves the clean and the robust teacher; their flags are --<kind>_teacher_*."""
     file: str = option("", "The {kind} teacher, a .keras file (default: <model_dir>/teachers/{kind}.keras, trained "
                        "when missing).", flag="")
-    arch: str = option("resnet56", "{Kind} teacher architecture: NAME or NAME:key=value,... (see models/architectures.py).")
+    arch: str = option("resnet56", "{Kind} teacher architecture: NAME or NAME:key=value,... (see "
+                       "models/architectures.py).")
     method: str = option("natural", "Training of the {kind} teacher: natural, trades (TRADES) or pgd_at (PGD-AT).",
                          choices=TEACHER_METHODS)
     epochs: int = option(200, "Epochs of the {kind} teacher's training.", lower=1)

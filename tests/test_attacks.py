@@ -41,7 +41,7 @@ def test_pgd_stays_in_ball_and_raises_loss():
 
     noise = tf.random.stateless_normal(images.shape, seed=[0, 0])
     adversarial = white_box.pgd(objective, images, white_box.normal_start(images, noise), epsilon=EPSILON,
-                              step_size=2 / 255, steps=10).numpy()
+                                step_size=2 / 255, steps=10).numpy()
     assert np.abs(adversarial - images).max() <= EPSILON + 1e-6
     assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
     assert objective(adversarial).numpy().mean() > 2 * objective(images).numpy().mean()
@@ -66,6 +66,6 @@ def test_pgd_returns_a_constant():
     with tf.GradientTape() as tape:
         tape.watch(images)
         adversarial = white_box.pgd(lambda x: tf.reduce_sum(x, [1, 2, 3]), images, images, epsilon=EPSILON,
-                                  step_size=2 / 255, steps=2)
+                                    step_size=2 / 255, steps=2)
         total = tf.reduce_sum(adversarial)
     assert tape.gradient(total, images) is None

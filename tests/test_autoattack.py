@@ -187,7 +187,7 @@ def test_apgd_ce_finds_at_least_as_many_adversarials_as_pgd20(robust_setup):
     for seed in range(3):
         noise = tf.random.stateless_uniform(tf.shape(x), [seed, 1], -1.0, 1.0)
         x_pgd = white_box.pgd(objective, x, white_box.uniform_start(x, noise, EPS), epsilon=EPS, step_size=2 / 255,
-                            steps=20)
+                              steps=20)
         x_apgd = autoattack.apgd(model, x, y, epsilon=EPS, steps=20, seed=seed)
         pgd_fooled.append(len(y) * (1 - accuracy(model, x_pgd, y)))
         apgd_fooled.append(len(y) * (1 - accuracy(model, x_apgd, y)))

@@ -2,8 +2,8 @@
 on each of 2 workers; the choice between the two, and the error without ArrayRecord files.
 
 The data are real tfds files the tests write (conftest.prepare_image_dataset: tensorflow-datasets' own writer, 3
-tfrecord shards per split), then given their ArrayRecord copies by mtard_tf.tools.add_array_record. Every stream is read to
-the end of a finite slice, so that no tf.data thread still reads when pytest exits (a process that exits with live
+tfrecord shards per split), then given their ArrayRecord copies by mtard_tf.tools.add_array_record. Every stream is read
+to the end of a finite slice, so that no tf.data thread still reads when pytest exits (a process that exits with live
 disk streams is tested in a subprocess).
 """
 
@@ -54,7 +54,7 @@ def assert_same_batches(first, second):
 def test_disk_stream_is_the_memory_stream_and_resumes_the_same(both_formats, holdout):
     def stream(source, start_step=0):
         return datasets.train_dataset(NAME, both_formats, BATCH, seed=3, start_step=start_step, holdout=holdout,
-                                  source=source)
+                                      source=source)
 
     count = 12  # 96 positions: 2.4 epochs of the 40 examples, 3 of the 32 kept: three permutations
     memory = take(stream("memory"), count)

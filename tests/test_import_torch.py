@@ -1,5 +1,5 @@
-"""Tests of mtard_tf/pytorch/importer.py against the PyTorch modules of mtard_tf/pytorch/modules.py, which are written from
-the published definitions.
+"""Tests of mtard_tf/pytorch/importer.py against the PyTorch modules of mtard_tf/pytorch/modules.py, which are written
+from the published definitions.
 
 Needs the optional torch (requirements-torch.txt); skipped without it.
 """

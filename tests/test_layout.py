@@ -1,5 +1,5 @@
-"""The layout section of docs/development.md is generated from the package: each module, and each sub-package with its modules, with
-the first sentence of its docstring.
+"""The layout section of docs/development.md is generated from the package: each module, and each sub-package with its
+modules, with the first sentence of its docstring.
 
 `python tests/test_layout.py` prints the section; the test fails when the page's copy differs (a module added,
 removed or redescribed), so the layout the docs show is the tree's.

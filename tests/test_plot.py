@@ -107,8 +107,8 @@ def test_a_missing_log_directory_is_a_clear_error(tmp_path):
 
 
 def run_command(*flags):
-    return subprocess.run([sys.executable, "-m", "mtard_tf.evaluation.plot", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "mtard_tf.evaluation.plot", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_command(run_dir, tmp_path):

@@ -110,7 +110,7 @@ def test_float16_attack_gradient_does_not_underflow():
 
     start = white_box.normal_start(images, tf.random.stateless_normal(images.shape, seed=[2, 3]))
     images_adv = white_box.pgd(objective(models["mixed_float16"]), images, start, epsilon=8 / 255,
-                             step_size=2 / 255, steps=4)
+                               step_size=2 / 255, steps=4)
     # The attack works: it stays in the ball and raises every image's loss.
     assert np.abs(images_adv.numpy() - images.numpy()).max() <= 8 / 255 + 1e-6
     loss = objective(models["mixed_float16"])

@@ -78,9 +78,10 @@ def test_each_quantisation_exports_loads_and_agrees_with_keras(trained, tmp_path
 def test_versions_count_across_formats_and_a_failed_export_leaves_nothing(trained, tmp_path, monkeypatch):
     base = str(tmp_path)
     assert saved_model.export_model(trained, base, "m", [str(i) for i in range(NUM_CLASSES)],
-                               warmup_examples=0).endswith(os.path.join("m", "1"))
+                                    warmup_examples=0).endswith(os.path.join("m", "1"))
     assert tflite.export_tflite(trained, base, "m").endswith(os.path.join("m", "2.tflite"))
-    for exporter in (lambda: saved_model.export_model(trained, base, "m", [str(i) for i in range(NUM_CLASSES)], version=2),
+    class_names = [str(i) for i in range(NUM_CLASSES)]
+    for exporter in (lambda: saved_model.export_model(trained, base, "m", class_names, version=2),
                      lambda: tflite.export_tflite(trained, base, "m", version=1)):
         with pytest.raises(saved_model.ExportError, match="already exists"):
             exporter()

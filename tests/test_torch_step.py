@@ -27,7 +27,8 @@ def test_specs_build_the_named_architectures():
     deep_mind = build_torch_model("dm_wrn:depth=16,width=2,normalize=cifar100", num_classes=100)
     assert isinstance(deep_mind, DMWideResNet) and len(deep_mind.layer[2].block) == 2
     assert deep_mind.logits.out_features == 100 and isinstance(deep_mind.relu, torch.nn.SiLU)
-    assert torch.equal(deep_mind.input_std.flatten(), torch.tensor(architectures.DM_NORMALIZATION_PRESETS["cifar100"][1]))
+    cifar100_std = architectures.DM_NORMALIZATION_PRESETS["cifar100"][1]
+    assert torch.equal(deep_mind.input_std.flatten(), torch.tensor(cifar100_std))
     with pytest.raises(architectures.ModelSpecError, match="6n\\+2"):
         build_torch_model("resnet56:depth=15")
 

@@ -24,12 +24,13 @@ Differences from the reference (see also the notes on each function):
 - In FAB's L-inf projection, a division by a zero slope (reference: inf/nan) gives a zero step instead.
 - Square clips the square side to the image's smaller side (the reference assumes square images).
 
-Every function runs the model with `training=False`, works in [0,1] and in the L-inf eps-ball around `x`, projects
-its output onto both once more as a final guarantee, and returns a constant tensor. Heavy loops are
-`tf.while_loop`s inside `tf.function`s, built once per (model, settings, image shape) and cached. `jit_compile=True`
-compiles APGD and FAB with XLA (one device only; the shrinking batches are padded to a few sizes to bound
-recompilation). It is off by default: on a CPU, XLA made the attack loops of conv nets slower than the default
-(oneDNN) path (`python -m mtard_tf.tools.benchmark`; the figures are in docs/performance.md). Square never uses XLA: like the reference, it shrinks its batch to the images not yet broken at every query. Models must return logits.
+Every function runs the model with `training=False`, works in [0,1] and in the L-inf eps-ball around `x`, projects its
+output onto both once more as a final guarantee, and returns a constant tensor. Heavy loops are `tf.while_loop`s inside
+`tf.function`s, built once per (model, settings, image shape) and cached. `jit_compile=True` compiles APGD and FAB with
+XLA (one device only; the shrinking batches are padded to a few sizes to bound recompilation). It is off by default: on
+a CPU, XLA made the attack loops of conv nets slower than the default (oneDNN) path
+(`python -m mtard_tf.tools.benchmark`; the figures are in docs/performance.md). Square never uses XLA: like the
+reference, it shrinks its batch to the images not yet broken at every query. Models must return logits.
 """
 
 import math
@@ -56,8 +57,8 @@ _CACHE = weakref.WeakKeyDictionary()
 def cached_function(model, key, build):
     """`build(model)`, a compiled function, built once per (model, key) while the model lives and reused after.
 
-    Every attack here and in mtard_tf.evaluation.robustness gets its tf.function this way, so that attacking batch after batch
-    traces it once. `key` holds everything the function is built from besides the model (attack, settings, image
+    Every attack here and in mtard_tf.evaluation.robustness gets its tf.function this way, so that attacking batch after
+    batch traces it once. `key` holds everything the function is built from besides the model (attack, settings, image
     shape). The function gets a weak proxy of the model, so that the cache does not keep the model (and its graphs)
     alive.
     """

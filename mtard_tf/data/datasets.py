@@ -134,7 +134,8 @@ def load_info(name, data_dir=None):
 
 
 def _add_array_record_command(name, data_dir):
-    return f"python -m mtard_tf.tools.add_array_record --dataset={name}" + (f" --data_dir={data_dir}" if data_dir else "")
+    command = f"python -m mtard_tf.tools.add_array_record --dataset={name}"
+    return command + (f" --data_dir={data_dir}" if data_dir else "")
 
 
 def _without_tf_data_files(name, data_dir):

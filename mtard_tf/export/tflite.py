@@ -2,13 +2,14 @@
 that runs it for evaluation.
 
 `export_tflite` writes `<export_dir>/<model_name>/<version>.tflite` (complete or absent, versions numbered with the
-SavedModels: mtard_tf.export.saved_model) with the SavedModel's input contract: input `images`, float32 [batch, H, W, 3], pixel
-values in [0, 1]; output `logits`, float32 [batch, num_classes]. TFLite's builtin ops have no assertion, so unlike
-the SavedModel the file does not reject values outside [0, 1]. Class names and everything else a user should know
-are in the model card, embedded in the file (`read_model_card`).
+SavedModels: mtard_tf.export.saved_model) with the SavedModel's input contract: input `images`, float32
+[batch, H, W, 3], pixel values in [0, 1]; output `logits`, float32 [batch, num_classes]. TFLite's builtin ops have no
+assertion, so unlike the SavedModel the file does not reject values outside [0, 1]. Class names and everything else a
+user should know are in the model card, embedded in the file (`read_model_card`).
 
 `TFLiteModel` runs a .tflite file on `tf.lite.Interpreter` as a callable images -> logits, eagerly or inside a
-tf.function (through tf.numpy_function), so the attack code of mtard_tf.attacks.autoattack queries it like a Keras model.
+tf.function (through tf.numpy_function), so the attack code of mtard_tf.attacks.autoattack queries it like a Keras
+model.
 """
 
 import json

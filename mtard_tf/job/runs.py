@@ -21,7 +21,7 @@ from mtard_tf.models import architectures, loading
 def train_source(config):
     """"memory" or "disk": where this run reads the train split (datasets.train_source of --train_source)."""
     return datasets.train_source(config.data.dataset, config.data.data_dir, config.data.train_source,
-                             config.data.in_memory_limit_gb)
+                                 config.data.in_memory_limit_gb)
 
 
 def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=()):
@@ -64,7 +64,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
         train = datasets.train_dataset(config.data.dataset, config.data.data_dir, batch_size, seed=config.runtime.seed,
-                                   start_step=step, holdout=config.selection.held_out(), source=source)
+                                       start_step=step, holdout=config.selection.held_out(), source=source)
         result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
                              steps_per_epoch=steps_per_epoch - done, validation_data=validation,
                              validation_steps=validation_steps, callbacks=callbacks, verbose=config.runtime.verbose,
@@ -144,7 +144,7 @@ def train_student(config, strategy):
         frozen = {kind: loading.load_teacher(config.teacher(kind).file, info.image_shape, info.num_classes)
                   for kind in registry.get_method(method).teachers}
         student = architectures.build_model(config.student, info.num_classes, info.image_shape,
-                                     sync_batchnorm=config.runtime.sync_batchnorm)
+                                            sync_batchnorm=config.runtime.sync_batchnorm)
 
         def schedule(value):
             return MilestoneDecay(value, config.schedule.milestones, steps_per_epoch, config.schedule.decay)
@@ -265,7 +265,7 @@ def train_teacher(config, kind, strategy):
                                        config.schedule.decay)
     with strategy.scope():
         model = architectures.build_model(teacher.arch, info.num_classes, info.image_shape,
-                                   sync_batchnorm=config.runtime.sync_batchnorm)
+                                          sync_batchnorm=config.runtime.sync_batchnorm)
         eval_attack_steps = 0 if teacher.method == "natural" else config.attack.eval_steps
         trainer = _build_trainer(config, strategy, registry.TEACHER_TRAINING[teacher.method], model, {},
                                  learning_rate, None, eval_attack_steps)

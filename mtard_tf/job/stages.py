@@ -116,9 +116,9 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
     else:
         info = datasets.load_info(config.data.dataset, config.data.data_dir)
         model = architectures.with_dtype_policy(loading.load_model(model_path, info.image_shape, info.num_classes,
-                                                             what="model"))  # attacks in float32
+                                                                   what="model"))  # attacks in float32
         dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
-                                    settings.num_examples)
+                                        settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
         print(f"evaluation of {model_path}: {', '.join(attacks)}")
         robustness.evaluate(model, dataset, attacks=attacks, epsilon=config.attack.epsilon,
@@ -140,8 +140,8 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
         raise config_lib.ConfigError("evaluating a .tflite model needs --source_model=PATH.keras, the float Keras "
                                      "student it was converted from (the transfer attacks are crafted on it)")
     info = datasets.load_info(config.data.dataset, config.data.data_dir)
-    source = architectures.with_dtype_policy(loading.load_model(settings.source_model, info.image_shape, info.num_classes,
-                                                          what="source model"))
+    source = architectures.with_dtype_policy(loading.load_model(settings.source_model, info.image_shape,
+                                                                info.num_classes, what="source model"))
     deployed = tflite.TFLiteModel(tflite_path)
     if (deployed.image_shape, deployed.num_classes) != (tuple(info.image_shape), info.num_classes):
         raise tflite.TFLiteError(f"{tflite_path} maps images {deployed.image_shape} to {deployed.num_classes} "
@@ -155,7 +155,7 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
               f"{exported_from[:12]}), not from --source_model={settings.source_model}: the float figures are "
               "another model's")
     dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
-                                settings.num_examples)
+                                    settings.num_examples)
     latency_images, _ = robustness.take_examples(dataset, min(LATENCY_IMAGES,
                                                               settings.num_examples or LATENCY_IMAGES))
     details = {
@@ -244,17 +244,17 @@ def export_stage(config, student_path, reuse=True):
             return previous["path"]
     info = datasets.load_info(config.data.dataset, config.data.data_dir)
     model = architectures.with_dtype_policy(loading.load_model(student_path, info.image_shape, info.num_classes,
-                                                         what="model"), settings.precision)
+                                                               what="model"), settings.precision)
     card = model_card(student_path, digest, info.class_names)
     if settings.format == "tflite":
         representative = (datasets.first_train_images(config.data.dataset, config.data.data_dir,
-                                                  settings.representative_examples)
+                                                      settings.representative_examples)
                           if settings.quantize == "int8" else None)
         path = tflite.export_tflite(model, settings.export_dir, settings.model_name, settings.quantize,
                                     representative_images=representative, version=settings.version, model_card=card)
     else:
         path = saved_model.export_model(model, settings.export_dir, settings.model_name, list(info.class_names),
-                                   version=settings.version, model_card=card)
+                                        version=settings.version, model_card=card)
     files.write_json(marker, {**wanted, "path": path})
     print(f"export: {path}")
     return path

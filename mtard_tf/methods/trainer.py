@@ -106,7 +106,7 @@ class Trainer(keras.Model):
     def attack(self, objective, images, start):
         """The training attack: `attack_steps` PGD steps of size `attack_step_size` in the eps-ball."""
         return white_box.pgd(objective, images, start, epsilon=self.epsilon, step_size=self.attack_step_size,
-                           steps=self.attack_steps)
+                             steps=self.attack_steps)
 
     def minimize(self, tape, per_example_loss):
         """One optimizer step on `self.model` for the global-batch mean of `per_example_loss`, recorded on `tape`.
@@ -147,6 +147,6 @@ class Trainer(keras.Model):
             self.validation_batches.update_state(1.0)
             start = white_box.uniform_start(images, replica_noise(symmetric_uniform, images, seed), self.epsilon)
             images_adv = white_box.pgd(self.cross_entropy_objective(labels), images, start, epsilon=self.epsilon,
-                                     step_size=self.eval_step_size, steps=self.eval_attack_steps)
+                                       step_size=self.eval_step_size, steps=self.eval_attack_steps)
             self.pgd_accuracy.update_state(labels, self.model(images_adv, training=False))
         return {metric.name: metric.result() for metric in self.metrics if metric is not self.validation_batches}

@@ -3,12 +3,12 @@
     python -m mtard_tf.pytorch.importer --arch=wrn34_10 --checkpoint=model_cifar_wrn.pt --num_classes=10 \\
         --out=teacher.keras
 
-`--arch` is a model spec of `mtard_tf.models.architectures` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`, `dm_wrn`, with
-kwargs if the checkpoint is not the default size, e.g. `resnet56:normalize=cifar10` for a checkpoint trained on
-normalised inputs, `dm_wrn:normalize=cifar100` for DeepMind's CIFAR-100 WRN-70-16). The checkpoint may be a plain
-state dict, one nested under "state_dict" / "model" / "model_state_dict" / "net"; its keys may carry DataParallel's
-"module." prefix, and all of them a "model." prefix (RobustBench's loader, robustbench/utils.py load_model, removes
-both).
+`--arch` is a model spec of `mtard_tf.models.architectures` (`wrn34_10`, `resnet56`, `resnet18`, `mobilenetv2`,
+`dm_wrn`, with kwargs if the checkpoint is not the default size, e.g. `resnet56:normalize=cifar10` for a checkpoint
+trained on normalised inputs, `dm_wrn:normalize=cifar100` for DeepMind's CIFAR-100 WRN-70-16). The checkpoint may be a
+plain state dict, one nested under "state_dict" / "model" / "model_state_dict" / "net"; its keys may carry
+DataParallel's "module." prefix, and all of them a "model." prefix (RobustBench's loader, robustbench/utils.py
+load_model, removes both).
 
 Every tensor is mapped onto the Keras layer named after its PyTorch module path (`torch_path` inverts the naming):
 conv kernels OIHW -> HWIO (depthwise [C, 1, kh, kw] -> [kh, kw, C, 1]), linear weights transposed, BatchNorm
@@ -124,8 +124,8 @@ def load_checkpoint(path, trust_checkpoint=False):
 
 
 def torch_path(keras_layer_name):
-    """The PyTorch module path of a Keras layer: the inverse of architectures._Builder.name ("__" -> "_", then "_" -> "."),
-    e.g. layer_0_block_0_batchnorm__0 -> layer.0.block.0.batchnorm_0."""
+    """The PyTorch module path of a Keras layer: the inverse of architectures._Builder.name ("__" -> "_", then
+    "_" -> "."), e.g. layer_0_block_0_batchnorm__0 -> layer.0.block.0.batchnorm_0."""
     return "_".join(part.replace("_", ".") for part in keras_layer_name.split("__"))
 
 

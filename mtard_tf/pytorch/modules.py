@@ -11,9 +11,10 @@ Each is written from the published code, with its module names, so that its stat
 * `DMWideResNet`: RobustBench robustbench/model_zoo/architectures/dm_wide_resnet.py (the WideResNets of Gowal et
   al. 2020, among them the paper's CIFAR-100 WRN-70-16 teacher), whose published checkpoints hold no mean / std.
 
-They are written independently of mtard_tf.models.architectures (only the spec is read through `architectures.model_arguments`), so the
-tests that compare the two are a check of the Keras models. They take NCHW images in [0, 1]; the spec's `normalize`
-becomes a (mean, std) applied in forward() and kept out of the state dict, as a transforms.Normalize would be.
+They are written independently of mtard_tf.models.architectures (only the spec is read through
+`architectures.model_arguments`), so the tests that compare the two are a check of the Keras models. They take NCHW
+images in [0, 1]; the spec's `normalize` becomes a (mean, std) applied in forward() and kept out of the state dict, as a
+transforms.Normalize would be.
 
 torch is an optional dependency (requirements-torch.txt): import this module only where torch is wanted.
 """

@@ -91,7 +91,8 @@ class TorchBMTARDStep:
 
     @classmethod
     def from_specs(cls, student, clean_teacher, robust_teacher, num_classes=10, device="cpu", seed=0, **kwargs):
-        """The step for three model specs of mtard_tf.models.architectures (e.g. "resnet18:width=8"), initialised from `seed`."""
+        """The step for three model specs of mtard_tf.models.architectures (e.g. "resnet18:width=8"), initialised
+        from `seed`."""
         torch.manual_seed(seed)
         networks = (build_torch_model(spec, num_classes).to(device)
                     for spec in (student, clean_teacher, robust_teacher))

@@ -1,16 +1,16 @@
 """Throughput of the B-MTARD train step: python -m mtard_tf.tools.benchmark [flags].
 
-A configuration is a (--jit_compile, --precision) pair. For each, prints one JSON
-line with images/s, ms per step, the split of a step into attack / teachers / student update (each part timed alone
-as its own tf.function), the FLOPs of one step and the achieved FLOP/s, the FLOP/s of a large matmul in the compute
-dtype of --precision (and in float32) on the same device measured in the same run, so `matmul_fraction` says how much
-of the machine's attainable rate at that precision the step reaches, and the process's peak memory so far
-(`peak_rss_mb`, PyTorch's included with --compare_torch; and `peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 since
-the configurations of this --jit_compile value were built). The configurations of one --jit_compile value are built
-together and timed side by side: their steps alternate (A, B, A, B, ...), then their parts do, so that a change of
-the machine's load affects them alike. --profile_dir traces one more step of each configuration (mtard_tf.job.profiling) and adds `profile` to its line: the
-trace file, the op time of each part of the step (`op_ms_by_part`, by the train step's name scopes) and the top op
-types (`top_op_types_ms`).
+A configuration is a (--jit_compile, --precision) pair. For each, prints one JSON line with images/s, ms per step, the
+split of a step into attack / teachers / student update (each part timed alone as its own tf.function), the FLOPs of one
+step and the achieved FLOP/s, the FLOP/s of a large matmul in the compute dtype of --precision (and in float32) on the
+same device measured in the same run, so `matmul_fraction` says how much of the machine's attainable rate at that
+precision the step reaches, and the process's peak memory so far (`peak_rss_mb`, PyTorch's included with
+--compare_torch; and `peak_gpu_memory_mb`, TensorFlow's peak on GPU:0 since the configurations of this --jit_compile
+value were built). The configurations of one --jit_compile value are built together and timed side by side: their steps
+alternate (A, B, A, B, ...), then their parts do, so that a change of the machine's load affects them alike.
+--profile_dir traces one more step of each configuration (mtard_tf.job.profiling) and adds `profile` to its line: the
+trace file, the op time of each part of the step (`op_ms_by_part`, by the train step's name scopes) and the top op types
+(`top_op_types_ms`).
 
 With --compare_torch, the same step in PyTorch eager mode (mtard_tf.pytorch.step: same architectures, batch, attack
 steps, data and precision) is timed in the same run, its steps alternating with TensorFlow's (TF, torch, TF, torch,
@@ -27,10 +27,10 @@ K attack steps cost a forward and an input-gradient backward each (~2F); the two
 forward and a full backward each (~3F); the teachers one forward each. Data are synthetic and already on the device,
 so the figure is the step's, not the input pipeline's (--pipeline_batches measures that one alone).
 
-With --pipeline_batches=N, the real training stream (mtard_tf.data.datasets.train_dataset) is timed alone over N batches after
-the step measurements, once for each of --pipeline_sources (memory: the split held as uint8 tensors; disk: examples
-read by index from its ArrayRecord files), each a JSON line with `input_pipeline_images_per_s` and, beside it, the
-fastest step measured in the run (`step_images_per_s`) and their ratio `pipeline_over_step`: how many times what the
+With --pipeline_batches=N, the real training stream (mtard_tf.data.datasets.train_dataset) is timed alone over N batches
+after the step measurements, once for each of --pipeline_sources (memory: the split held as uint8 tensors; disk:
+examples read by index from its ArrayRecord files), each a JSON line with `input_pipeline_images_per_s` and, beside it,
+the fastest step measured in the run (`step_images_per_s`) and their ratio `pipeline_over_step`: how many times what the
 step consumes the stream delivers, when the two do not compete for the CPU.
 """
 
