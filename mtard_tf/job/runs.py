@@ -9,7 +9,7 @@ import time
 import keras
 
 from mtard_tf import files
-from mtard_tf.config import ConfigError, EvalConfig
+from mtard_tf.config import ConfigError, EvalConfig, SelectionConfig
 from mtard_tf.data import datasets
 from mtard_tf.evaluation import robustness
 from mtard_tf.job import checkpointing, distribute, profiling, summaries
@@ -180,7 +180,7 @@ def train_student(config, strategy):
 SELECTION_METRIC = "(clean + PGD-TRADES-20) / 2"
 
 
-def select_epochs(epochs, milestones, every_before=20):
+def select_epochs(epochs, milestones, every_before=SelectionConfig.every_before):
     """The 1-based epochs at which the student is evaluated for model selection: as the B-MTARD reference
     (MTARD-extension resnet18_mtard_cifar10.py: epoch 1, every `every_before`-th epoch before the first lr milestone,
     every epoch from it on), and always the last epoch, so that the last model is a candidate too."""

@@ -4,12 +4,14 @@ resnet18_mtard_cifar10.py: all three x0.1 after epochs 215, 260 and 285)."""
 import keras
 import tensorflow as tf
 
+from mtard_tf.config import ScheduleConfig
+
 
 @keras.saving.register_keras_serializable(package="mtard_tf")
 class MilestoneDecay(keras.optimizers.schedules.LearningRateSchedule):
     """value(step) = initial_value * decay ** (number of milestones <= step // steps_per_epoch)."""
 
-    def __init__(self, initial_value, milestones, steps_per_epoch, decay=0.1):
+    def __init__(self, initial_value, milestones, steps_per_epoch, decay=ScheduleConfig.decay):
         self.initial_value = float(initial_value)
         self.milestones = [int(m) for m in milestones]
         self.steps_per_epoch = int(steps_per_epoch)
