@@ -26,17 +26,19 @@ class ConfigError(UserError):
     """A configuration a run cannot use (a value out of range, contradicting options)."""
 
 
-# Method names in the order of the paper's tables (baselines.METHODS builds one trainer for each; a test checks
-# they agree). Spelled out here because the flags are defined before TensorFlow is imported.
+# Method names in the order of the paper's tables (methods/registry.py's METHODS builds one trainer for each; a test
+# checks they agree). Spelled out here because the flags are defined before TensorFlow is imported.
 METHOD_NAMES = ("natural", "sat", "trades", "ard", "rslad", "adaad", "mtard", "b_mtard")
 TEACHER_METHODS = ("natural", "trades", "pgd_at")
 STRATEGIES = ("mirrored", "multi_worker")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
-ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")  # evaluation.ATTACK_NAMES
+# The attacks of the evaluation (evaluation/robustness.py), in the order of its reports.
+ATTACK_NAMES = ("clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack")
 SELECT_MODES = ("last", "best_test", "best_holdout")
 EXPORT_FORMATS = ("savedmodel", "tflite")
-QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.tflite.convert)
-TRAIN_SOURCES = ("auto", "memory", "disk")  # where the train stream reads the split (mtard_tf.data.train_source)
+QUANTIZATIONS = ("none", "float16", "int8")  # the numeric formats of a TFLite export (mtard_tf.export.tflite.convert)
+# Where the train stream reads the split (mtard_tf.data.datasets.train_source).
+TRAIN_SOURCES = ("auto", "memory", "disk")
 
 
 def option(default, help, *, flag=None, choices=None, lower=None, upper=None, check=None, factory=None):
@@ -66,8 +68,8 @@ class DataConfig:
                                           "<data_dir>/downloads/manual/).")
     train_source: str = option("auto", "Where the training stream reads the train split: memory (held as uint8 "
                                "tensors), disk (each example read by index from the dataset's ArrayRecord files, which "
-                               "python -m mtard_tf.add_array_record adds), auto: memory when the split takes at most "
-                               "--in_memory_limit_gb as uint8, else disk. Both give identical batches.",
+                               "python -m mtard_tf.tools.add_array_record adds), auto: memory when the split takes at "
+                               "most --in_memory_limit_gb as uint8, else disk. Both give identical batches.",
                                choices=TRAIN_SOURCES)
     in_memory_limit_gb: float = option(4.0, "With --train_source=auto: the largest train split (GB of uint8 pixels) "
                                        "held in memory.", lower=0.0)
@@ -86,10 +88,9 @@ class RuntimeConfig:
                             "bits; logits, losses, softmax, entropy and the balancing state stay float32. auto: "
                             "mixed_bfloat16 where the device computes bfloat16 natively (x86 CPUs with AVX512-BF16 or "
                             "AMX, NVIDIA GPUs of compute capability 8.0 or newer), else float32 (not the default: "
-                            "the README's A/B measured no accuracy difference, but bfloat16 slower than float32 on "
-                            "an AVX512-BF16 CPU). Evaluation and export compute in float32 whatever the training precision (see "
-                            "--export_precision).",
-                            choices=("auto", *PRECISIONS))
+                            "bfloat16 gave no accuracy difference but was slower than float32 on an AVX512-BF16 CPU, "
+                            "docs/performance.md). Evaluation and export compute in float32 whatever the training "
+                            "precision (see --export_precision).", choices=("auto", *PRECISIONS))
     jit_compile: str = option("auto", "XLA for the train step; auto: on for a single GPU, off on CPU (slower "
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
@@ -179,7 +180,8 @@ class TeacherConfig:
     file is missing). The same type serves the clean and the robust teacher; their flags are --<kind>_teacher_*."""
     file: str = option("", "The {kind} teacher, a .keras file (default: <model_dir>/teachers/{kind}.keras, trained "
                        "when missing).", flag="")
-    arch: str = option("resnet56", "{Kind} teacher architecture: NAME or NAME:key=value,... (see models.py).")
+    arch: str = option("resnet56", "{Kind} teacher architecture: NAME or NAME:key=value,... (see "
+                       "models/architectures.py).")
     method: str = option("natural", "Training of the {kind} teacher: natural, trades (TRADES) or pgd_at (PGD-AT).",
                          choices=TEACHER_METHODS)
     epochs: int = option(200, "Epochs of the {kind} teacher's training.", lower=1)
@@ -191,7 +193,7 @@ class TeacherConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SelectionConfig:
-    """Which trained student student.keras is (ModelSelection in training.py)."""
+    """Which trained student student.keras is (ModelSelection in job/runs.py)."""
     select: str = option("last", "Which student student.keras is: last (the last epoch's); best_test (the B-MTARD "
                          "reference's protocol: the best (clean + PGD-TRADES-20)/2 on the test split, at epoch 1, every "
                          "--select_every_before epochs before the first milestone and every epoch from it; its test "
@@ -270,7 +272,7 @@ class Config:
     method: str = option("b_mtard", "How the student is trained (the methods of the paper's tables): b_mtard, mtard "
                          "(two teachers); ard, rslad, adaad (robust teacher); sat (PGD-AT), trades, natural (no "
                          "teacher).", choices=METHOD_NAMES)
-    student: str = option("resnet18", "Student architecture: NAME or NAME:key=value,... (see models.py).")
+    student: str = option("resnet18", "Student architecture: NAME or NAME:key=value,... (see models/architectures.py).")
     data: DataConfig = option(None, "", factory=DataConfig)
     runtime: RuntimeConfig = option(None, "", factory=RuntimeConfig)
     attack: AttackConfig = option(None, "", factory=AttackConfig)
@@ -351,11 +353,15 @@ def _help(option_):
     return text.format(kind=option_.kind, Kind=option_.kind.capitalize()) if option_.kind else text
 
 
-def define_flags(flag_values):
-    """Defines one absl flag per configuration field (defaults from the dataclasses) on `flag_values`; flags it
-    defined before are kept (mtard_tf.main and mtard_tf.reproduce both define them, and may share a process)."""
+def define_flags(flag_values, names=None):
+    """Defines one absl flag per configuration field (defaults from the dataclasses) on `flag_values`, or only the
+    flags in `names` (a tool that shares some of the run's flags); flags defined before are kept, so the commands'
+    definitions, each of them all or part of these, may share a process (tests).
+
+    Every command defines its flags the same way: in its `define_flags(flag_values)`, which its `run()` calls before
+    absl parses the command line, never on import, so every module of the package imports in one process."""
     for option_ in options():
-        if not option_.cli or option_.name in flag_values:
+        if not option_.cli or option_.name in flag_values or (names is not None and option_.name not in names):
             continue
         base, element = _base_type(option_.type)
         meta = option_.metadata

@@ -30,30 +30,39 @@ import time
 
 from absl import flags
 
-from mtard_tf import config as config_lib, files, startup
+from mtard_tf import config as config_lib, files
 from mtard_tf.errors import UserError
+from mtard_tf.job import startup
 
 FLAGS = flags.FLAGS
-
-config_lib.define_flags(FLAGS)
-flags.DEFINE_list("methods", list(config_lib.METHOD_NAMES), "Student methods to train and compare, in table order.")
-flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(config_lib.METHOD_NAMES)
-                         and len(set(v)) == len(v),
-                         f"--methods must be distinct names from {','.join(config_lib.METHOD_NAMES)}")
-
 RECIPES = ("equal", "reference")
-flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once per "
-                  "seed (the teachers once, with --seed); comparison.md then shows mean ± std over the seeds and the "
-                  "per-seed tests. Default: --seed.")
-flags.register_validator("seeds", lambda v: v is None or (bool(v) and all(s.strip().isdigit() for s in v)
-                                                          and len({int(s) for s in v}) == len(v)),
-                         "--seeds must be distinct non-negative integers, e.g. --seeds=0,1,2")
-flags.DEFINE_enum("recipe", "equal", RECIPES,
-                  "equal: every method trains with the same configuration (these flags). reference: each method "
-                  "with its reference recipe <recipe_dir>/<method>.cfg (--field=value lines), its epochs and "
-                  "milestones scaled by --epochs / 300.")
-flags.DEFINE_string("recipe_dir", None, "Directory of the --recipe=reference files <method>.cfg (default: "
-                    "flags/methods of this repository).")
+
+
+def define_flags(flag_values=FLAGS):
+    """Every configuration flag (config.define_flags) and the command's own (called by run())."""
+    config_lib.define_flags(flag_values)
+    if "methods" in flag_values:
+        return
+    flags.DEFINE_list("methods", list(config_lib.METHOD_NAMES), "Student methods to train and compare, in table "
+                      "order.", flag_values=flag_values)
+    flags.register_validator("methods", lambda v: bool(v) and set(v) <= set(config_lib.METHOD_NAMES)
+                             and len(set(v)) == len(v),
+                             f"--methods must be distinct names from {','.join(config_lib.METHOD_NAMES)}",
+                             flag_values=flag_values)
+    flags.DEFINE_list("seeds", None, "Seeds of the students: every method's student is trained and evaluated once "
+                      "per seed (the teachers once, with --seed); comparison.md then shows mean ± std over the seeds "
+                      "and the per-seed tests. Default: --seed.", flag_values=flag_values)
+    flags.register_validator("seeds", lambda v: v is None or (bool(v) and all(s.strip().isdigit() for s in v)
+                                                              and len({int(s) for s in v}) == len(v)),
+                             "--seeds must be distinct non-negative integers, e.g. --seeds=0,1,2",
+                             flag_values=flag_values)
+    flags.DEFINE_enum("recipe", "equal", RECIPES,
+                      "equal: every method trains with the same configuration (these flags). reference: each method "
+                      "with its reference recipe <recipe_dir>/<method>.cfg (--field=value lines), its epochs and "
+                      "milestones scaled by --epochs / 300.", flag_values=flag_values)
+    flags.DEFINE_string("recipe_dir", None, "Directory of the --recipe=reference files <method>.cfg (default: "
+                        "flags/methods of this repository).", flag_values=flag_values)
+
 
 TEACHER_METHODS = {"natural": "Natural", "trades": "TRADES", "pgd_at": "SAT"}
 # The attack of the W-Robust column and of the trade-off plot's x axis: the strongest one evaluated.
@@ -148,7 +157,7 @@ def _teacher_row(config, kind, path, report):
 
 
 def _row(name, role, method, display_name, arch, path, report, metrics_file):
-    from mtard_tf import stats
+    from mtard_tf.evaluation import stats
 
     attacks = report["attacks"]
     row = {"name": name, "role": role, "method": method, "display_name": display_name, "model": arch,
@@ -190,20 +199,21 @@ def student_config(config, method, seed=None, recipe="equal"):
 
 def _evaluate(timed, name, config, model_path, output_dir):
     """pipeline.evaluate_stage, re-evaluating a report written before the per-image flags existed."""
-    from mtard_tf import evaluation, pipeline
-    reuse = os.path.exists(os.path.join(output_dir, evaluation.PER_IMAGE_FILE))
-    return timed(name, pipeline.evaluate_stage, config, model_path, output_dir, reuse=reuse)
+    from mtard_tf.evaluation import robustness
+    from mtard_tf.job import stages
+    reuse = os.path.exists(os.path.join(output_dir, robustness.PER_IMAGE_FILE))
+    return timed(name, stages.evaluate_stage, config, model_path, output_dir, reuse=reuse)
 
 
 def _per_image_flags(eval_dir, attacks):
     """({attack: bool flags}, labels) of the evaluation in `eval_dir`, checked against its report.json."""
-    from mtard_tf import evaluation
-    flags_by_attack, labels = evaluation.read_per_image(eval_dir)
+    from mtard_tf.evaluation import robustness
+    flags_by_attack, labels = robustness.read_per_image(eval_dir)
     with open(os.path.join(eval_dir, "report.json")) as f:
         results = json.load(f)["attacks"]
     for attack in attacks:
         if attack not in flags_by_attack or int(flags_by_attack[attack].sum()) != results[attack]["num_correct"]:
-            raise UserError(f"{os.path.join(eval_dir, evaluation.PER_IMAGE_FILE)} does not match report.json for "
+            raise UserError(f"{os.path.join(eval_dir, robustness.PER_IMAGE_FILE)} does not match report.json for "
                              f"{attack}; re-run the evaluation (delete {os.path.join(eval_dir, 'report.json')} and "
                              "run the command again)")
     return flags_by_attack, labels
@@ -211,7 +221,7 @@ def _per_image_flags(eval_dir, attacks):
 
 def paired_tests(eval_dir, baseline_eval_dir, attacks):
     """{attack: stats.mcnemar_exact(model flags, baseline flags)} from two evaluations of the same images."""
-    from mtard_tf import stats
+    from mtard_tf.evaluation import stats
     flags_a, labels_a = _per_image_flags(eval_dir, attacks)
     flags_b, labels_b = _per_image_flags(baseline_eval_dir, attacks)
     if labels_a.shape != labels_b.shape or not (labels_a == labels_b).all():
@@ -229,7 +239,7 @@ def _tested_attacks(attacks):
 def _student_row(method, display_name, arch, runs, recipe):
     """One method's row from its per-seed rows {seed: row}: mean and std over seeds; the single seed's ci95 and
     paired tests when there is one seed."""
-    from mtard_tf import stats
+    from mtard_tf.evaluation import stats
 
     first = next(iter(runs.values()))
     attacks = list(first["accuracy"])
@@ -267,7 +277,8 @@ def reproduce(config, methods, strategy, seeds=None, recipe="equal", recipe_dir=
     student of the same seed (exact McNemar test on the clean and the strongest attack's per-image flags) when
     b_mtard is among `methods`. Returns the comparison (the content of comparison.json).
     """
-    from mtard_tf import methods as method_registry, pipeline
+    from mtard_tf.job import stages
+    from mtard_tf.methods import registry as method_registry
 
     for method in methods:
         method_registry.get_method(method)  # an unknown name fails before hours of training
@@ -278,9 +289,9 @@ def reproduce(config, methods, strategy, seeds=None, recipe="equal", recipe_dir=
     model_dir = config.runtime.model_dir
     recipes = {method: method_recipe(config, method, recipe, recipe_dir) for method in methods}  # errors first
     start = time.time()
-    timed = pipeline.StageTimer()
-    clean_path = timed("clean teacher", pipeline.teacher_stage, config, "clean", strategy)
-    robust_path = timed("robust teacher", pipeline.teacher_stage, config, "robust", strategy)
+    timed = stages.StageTimer()
+    clean_path = timed("clean teacher", stages.teacher_stage, config, "clean", strategy)
+    robust_path = timed("robust teacher", stages.teacher_stage, config, "robust", strategy)
     teacher_config = config_lib.replace(config, clean_teacher=clean_path, robust_teacher=robust_path)
     rows = []
     for kind, path in (("clean", clean_path), ("robust", robust_path)):
@@ -297,7 +308,7 @@ def reproduce(config, methods, strategy, seeds=None, recipe="equal", recipe_dir=
             method_dir = method_config.runtime.model_dir
             label = f"{method}, seed {seed}" if seed_dirs else method
             print(f"== {label} ==" + (f" (recipe {recipe_record['file']})" if recipe_record["file"] else ""))
-            path = timed(f"student {label}", pipeline.student_stage, method_config, strategy)
+            path = timed(f"student {label}", stages.student_stage, method_config, strategy)
             eval_dirs[method, seed] = os.path.join(method_dir, "eval")
             # Every model is evaluated in the run's threat model, whatever radius its recipe trained with.
             report = _evaluate(timed, f"evaluate {label}",
@@ -403,7 +414,7 @@ def format_markdown(comparison):
     p < 0.05 (exact McNemar test), then the paired differences. Several seeds: students' mean ± std over the seeds,
     then a per-seed table (intervals, bold as above) and the per-seed paired differences.
     """
-    from mtard_tf.evaluation import DISPLAY_NAMES, format_accuracy
+    from mtard_tf.evaluation.robustness import DISPLAY_NAMES, format_accuracy
 
     attacks, rows = comparison["attacks"], comparison["rows"]
     w_attack = comparison["w_robust_attack"]
@@ -538,7 +549,7 @@ def plot_tradeoff(comparison, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mtard_tf.evaluation import DISPLAY_NAMES
+    from mtard_tf.evaluation.robustness import DISPLAY_NAMES
 
     attack = comparison["w_robust_attack"] or "clean"
     figure, axes = plt.subplots(figsize=(6.4, 4.8), dpi=120)
@@ -579,7 +590,7 @@ def write_comparison(model_dir, comparison):
 
 
 def _run(run_config, methods, seeds, recipe, recipe_dir):
-    from mtard_tf import distribute
+    from mtard_tf.job import distribute
     if run_config.runtime.strategy != "mirrored":
         # Evaluations run between the students' trainings on the chief alone; other workers would wait in a
         # collective for as long as an AutoAttack takes.
@@ -600,6 +611,7 @@ def main(argv):
 
 
 def run():
+    define_flags()
     startup.run_app(main)
 
 

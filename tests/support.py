@@ -8,7 +8,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # PyTorch's OpenMP threads block instead of spinning (read when torch loads): CI's two cores are shared, and spinning
-# threads there make every parallel region wait for a descheduled one (see mtard_tf/benchmark.py).
+# threads there make every parallel region wait for a descheduled one (see mtard_tf/tools/benchmark.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import keras  # noqa: E402

@@ -4,7 +4,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mtard_tf import attacks, losses
+from mtard_tf.attacks import white_box
+from mtard_tf.methods import losses
 
 EPSILON = 8 / 255
 
@@ -39,8 +40,8 @@ def test_pgd_stays_in_ball_and_raises_loss():
         return losses.cross_entropy(labels, model(x, training=False))
 
     noise = tf.random.stateless_normal(images.shape, seed=[0, 0])
-    adversarial = attacks.pgd(objective, images, attacks.normal_start(images, noise), epsilon=EPSILON,
-                              step_size=2 / 255, steps=10).numpy()
+    adversarial = white_box.pgd(objective, images, white_box.normal_start(images, noise), epsilon=EPSILON,
+                                step_size=2 / 255, steps=10).numpy()
     assert np.abs(adversarial - images).max() <= EPSILON + 1e-6
     assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
     assert objective(adversarial).numpy().mean() > 2 * objective(images).numpy().mean()
@@ -52,9 +53,9 @@ def test_pgd_from_uniform_start_and_fgsm_stay_in_ball():
     images, labels = colour_data(64, seed=2)
     images[:8] = 0.0  # pixels at the box boundary: clipping to [0, 1] must win over the ball
     objective = lambda x: losses.cross_entropy(labels, model(x))  # noqa: E731
-    start = attacks.uniform_start(images, tf.random.stateless_uniform(images.shape, [1, 2], -1, 1), EPSILON)
-    for adversarial in (attacks.pgd(objective, images, start, epsilon=EPSILON, step_size=0.003, steps=5),
-                        attacks.fgsm(objective, images, epsilon=EPSILON)):
+    start = white_box.uniform_start(images, tf.random.stateless_uniform(images.shape, [1, 2], -1, 1), EPSILON)
+    for adversarial in (white_box.pgd(objective, images, start, epsilon=EPSILON, step_size=0.003, steps=5),
+                        white_box.fgsm(objective, images, epsilon=EPSILON)):
         adversarial = adversarial.numpy()
         assert np.abs(adversarial - images).max() <= EPSILON + 1e-6
         assert adversarial.min() >= 0.0 and adversarial.max() <= 1.0
@@ -64,7 +65,7 @@ def test_pgd_returns_a_constant():
     images = tf.random.uniform((4, 8, 8, 3))
     with tf.GradientTape() as tape:
         tape.watch(images)
-        adversarial = attacks.pgd(lambda x: tf.reduce_sum(x, [1, 2, 3]), images, images, epsilon=EPSILON,
-                                  step_size=2 / 255, steps=2)
+        adversarial = white_box.pgd(lambda x: tf.reduce_sum(x, [1, 2, 3]), images, images, epsilon=EPSILON,
+                                    step_size=2 / 255, steps=2)
         total = tf.reduce_sum(adversarial)
     assert tape.gradient(total, images) is None

@@ -1,4 +1,4 @@
-"""Tests of mtard_tf.autoattack (and the white-box evaluation attacks next to it) on tiny models trained here.
+"""Tests of mtard_tf.attacks.autoattack (and the white-box evaluation attacks next to it) on tiny models trained here.
 
 Data: 10 classes of 8x8x3 colour templates (pixels 0.5 +- amp) plus Gaussian noise, learnable in seconds.
 """
@@ -8,7 +8,9 @@ import pytest
 import tensorflow as tf
 import keras
 
-from mtard_tf import attacks, autoattack, evaluation, losses
+from mtard_tf.attacks import autoattack, white_box
+from mtard_tf.evaluation import robustness
+from mtard_tf.methods import losses
 
 EPS = 8.0 / 255.0
 NUM_CLASSES = 10
@@ -44,8 +46,8 @@ def robust_setup():
     @tf.function
     def train_step(xb, yb, seed):
         objective = lambda xa: losses.cross_entropy(yb, model(xa, training=False))
-        start = attacks.uniform_start(xb, tf.random.stateless_uniform(tf.shape(xb), seed, -1.0, 1.0), EPS / 2)
-        x_adv = attacks.pgd(objective, xb, start, epsilon=EPS / 2, step_size=EPS / 4, steps=3)
+        start = white_box.uniform_start(xb, tf.random.stateless_uniform(tf.shape(xb), seed, -1.0, 1.0), EPS / 2)
+        x_adv = white_box.pgd(objective, xb, start, epsilon=EPS / 2, step_size=EPS / 4, steps=3)
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(losses.cross_entropy(yb, model(x_adv, training=True)))
         optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
@@ -142,7 +144,7 @@ def test_every_attack_stays_in_the_ball_and_leaves_misclassified_images(robust_s
                                                      square_queries=100, n_target_classes=2)[0],
     }
     for name in ("fgsm", "pgd_sat", "pgd_trades", "cw"):
-        results[name] = evaluation.ATTACKS[name](model, x, y, epsilon=EPS, seed=3)
+        results[name] = robustness.ATTACKS[name](model, x, y, epsilon=EPS, seed=3)
     for name, x_adv in results.items():
         assert_in_ball(x_adv, x, name=name)
         if name in ("apgd-ce", "apgd-t", "fab-t", "square", "autoattack"):  # only correct images are attacked
@@ -168,8 +170,8 @@ def test_attacks_repeat_with_a_seed(robust_setup):
 def test_accuracy_ordering_clean_fgsm_pgd_autoattack(robust_setup):
     model, x, y = robust_setup
     clean = accuracy(model, x, y)
-    fgsm = accuracy(model, evaluation.ATTACKS["fgsm"](model, x, y, epsilon=EPS), y)
-    pgd = accuracy(model, evaluation.ATTACKS["pgd_sat"](model, x, y, epsilon=EPS, seed=0), y)
+    fgsm = accuracy(model, robustness.ATTACKS["fgsm"](model, x, y, epsilon=EPS), y)
+    pgd = accuracy(model, robustness.ATTACKS["pgd_sat"](model, x, y, epsilon=EPS, seed=0), y)
     x_aa, robust = autoattack.autoattack_standard(model, x, y, epsilon=EPS, seed=0)  # the full standard budget
     aa = accuracy(model, x_aa, y)
     assert aa == pytest.approx(float(np.mean(robust.numpy())))
@@ -184,8 +186,8 @@ def test_apgd_ce_finds_at_least_as_many_adversarials_as_pgd20(robust_setup):
     pgd_fooled, apgd_fooled = [], []
     for seed in range(3):
         noise = tf.random.stateless_uniform(tf.shape(x), [seed, 1], -1.0, 1.0)
-        x_pgd = attacks.pgd(objective, x, attacks.uniform_start(x, noise, EPS), epsilon=EPS, step_size=2 / 255,
-                            steps=20)
+        x_pgd = white_box.pgd(objective, x, white_box.uniform_start(x, noise, EPS), epsilon=EPS, step_size=2 / 255,
+                              steps=20)
         x_apgd = autoattack.apgd(model, x, y, epsilon=EPS, steps=20, seed=seed)
         pgd_fooled.append(len(y) * (1 - accuracy(model, x_pgd, y)))
         apgd_fooled.append(len(y) * (1 - accuracy(model, x_apgd, y)))
@@ -214,7 +216,7 @@ def test_zero_gradient_model_is_not_reported_robust():
     assert clean >= 0.9
     # Gradient attacks see a zero gradient and stay where they are (gradient masking) ...
     assert accuracy(model, autoattack.apgd(model, x_test, y_test, epsilon=EPS, steps=20), y_test) >= 0.9
-    assert accuracy(model, evaluation.ATTACKS["pgd_sat"](model, x_test, y_test, epsilon=EPS), y_test) >= 0.9
+    assert accuracy(model, robustness.ATTACKS["pgd_sat"](model, x_test, y_test, epsilon=EPS), y_test) >= 0.9
     # ... but every image here is breakable (flip the rounding of the pixels within eps of 1/2), and AutoAttack,
     # through Square, does not report the model robust.
     w, b = model.layers[-1].get_weights()

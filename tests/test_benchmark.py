@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from support import IMAGE_DATASET, prepare_image_dataset
-from mtard_tf import data
+from mtard_tf.data import datasets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--student=resnet18:width=2", "--clean_teacher_arch=resnet56:depth=8,width=2",
@@ -17,7 +17,7 @@ TINY = ["--student=resnet18:width=2", "--clean_teacher_arch=resnet56:depth=8,wid
 
 
 def _run(*flags, pythonpath=ROOT):
-    return subprocess.run([sys.executable, "-m", "mtard_tf.benchmark", *flags], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "mtard_tf.tools.benchmark", *flags], cwd=ROOT,
                           env=dict(os.environ, PYTHONPATH=pythonpath), capture_output=True, text=True, timeout=600)
 
 
@@ -28,7 +28,7 @@ def _records(result):
 
 def test_benchmark_prints_one_record_per_configuration_and_input_pipeline(tmp_path):
     data_dir = prepare_image_dataset(tmp_path)
-    data.add_array_record(IMAGE_DATASET, data_dir)
+    datasets.add_array_record(IMAGE_DATASET, data_dir)
     all_records = _records(_run(
         "--student=resnet18:width=2,blocks=1", "--clean_teacher_arch=resnet56:depth=8,width=4",
         "--robust_teacher_arch=wrn34_10:depth=10,widen=1", "--batch_size=4", "--steps=1", "--attack_steps=2",

@@ -28,7 +28,8 @@ def build_targets():
 def test_every_module_and_test_has_a_target():
     targets = build_targets()
     covered = {src for target in targets.values() for src in target["srcs"]}
-    modules = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "mtard_tf", "*.py"))}
+    modules = {os.path.relpath(p, ROOT)
+               for p in glob.glob(os.path.join(ROOT, "mtard_tf", "**", "*.py"), recursive=True)}
     tests = {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "tests", "*.py"))}
     assert not modules - covered, f"modules missing from BUILD: {sorted(modules - covered)}"
     assert not tests - covered, f"test files missing from BUILD: {sorted(tests - covered)}"

@@ -13,8 +13,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from support import ROOT, write_mock_metadata, write_teacher_files
-from mtard_tf import config as config_lib, data, models
+from mtard_tf import config as config_lib
+from mtard_tf.data import datasets
 from mtard_tf.errors import UserError
+from mtard_tf.models import architectures
 
 WNIDS = ("n01443537", "n01629819", "n01641577")
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n01629819": "European fire salamander, Salamandra salamandra",
@@ -69,19 +71,19 @@ def tiny_imagenet_folder(tmp_path):
 
 def test_tiny_imagenet_is_built_from_the_folder_with_its_classes_and_labels(tiny_imagenet_folder, tmp_path):
     data_dir = str(tmp_path / "tfds")
-    data.prepare("tiny_imagenet", data_dir, manual_dir=os.path.dirname(tiny_imagenet_folder))  # the zip's parent
-    info = data.load_info("tiny_imagenet", data_dir)
-    assert info == data.DatasetInfo(
+    datasets.prepare("tiny_imagenet", data_dir, manual_dir=os.path.dirname(tiny_imagenet_folder))  # the zip's parent
+    info = datasets.load_info("tiny_imagenet", data_dir)
+    assert info == datasets.DatasetInfo(
         name="tiny_imagenet", num_classes=3, image_shape=(64, 64, 3), class_names=tuple(WORDS[w] for w in WNIDS),
         num_train=3 * TRAIN_PER_CLASS, num_test=3 * VALIDATION_PER_CLASS, test_split="validation")
-    for images, labels in data.eval_dataset("tiny_imagenet", data_dir, 32):
+    for images, labels in datasets.eval_dataset("tiny_imagenet", data_dir, 32):
         assert sorted(labels.numpy()) == [0, 0, 1, 1, 2, 2]
         np.testing.assert_allclose(images.numpy().mean(axis=(1, 2, 3)) * 255, brightness(labels.numpy()), atol=3)
-    images, labels = next(iter(data.train_dataset("tiny_imagenet", data_dir, 12, augment=False)))
+    images, labels = next(iter(datasets.train_dataset("tiny_imagenet", data_dir, 12, augment=False)))
     assert images.shape == (12, 64, 64, 3) and sorted(labels.numpy()) == sorted(list(range(3)) * TRAIN_PER_CLASS)
     np.testing.assert_allclose(images.numpy().mean(axis=(1, 2, 3)) * 255, brightness(labels.numpy()), atol=3)
     shutil.rmtree(tiny_imagenet_folder)
-    data.prepare("tiny_imagenet", data_dir)  # built once: the folder is not needed any more
+    datasets.prepare("tiny_imagenet", data_dir)  # built once: the folder is not needed any more
 
 
 def break_folder(folder, problem):
@@ -110,7 +112,7 @@ def test_a_broken_folder_is_one_line_naming_the_file_and_builds_nothing(tiny_ima
     named = break_folder(tiny_imagenet_folder, problem)
     data_dir = str(tmp_path / "tfds")
     with pytest.raises(UserError) as raised:
-        data.prepare("tiny_imagenet", data_dir, manual_dir=tiny_imagenet_folder)
+        datasets.prepare("tiny_imagenet", data_dir, manual_dir=tiny_imagenet_folder)
     message = str(raised.value)
     assert named in message and "\n" not in message
     assert "train" not in tfds.builder("tiny_imagenet", data_dir=data_dir).info.splits
@@ -118,8 +120,8 @@ def test_a_broken_folder_is_one_line_naming_the_file_and_builds_nothing(tiny_ima
 
 def test_a_missing_manual_directory_says_how_to_provide_the_folder(tmp_path):
     data_dir = str(tmp_path / "tfds")
-    with pytest.raises(data.DataUnavailableError) as raised:
-        data.prepare("tiny_imagenet", data_dir, download=False)
+    with pytest.raises(datasets.DataUnavailableError) as raised:
+        datasets.prepare("tiny_imagenet", data_dir, download=False)
     message = str(raised.value)
     assert os.path.join(data_dir, "downloads", "manual") in message and "\n" not in message
     assert "tiny-imagenet-200.zip" in message and "--manual_dir" in message
@@ -129,7 +131,7 @@ def test_a_manual_directory_for_a_dataset_tfds_downloads_itself_is_an_error(tmp_
     write_mock_metadata(str(tmp_path), "svhn_cropped", 64, 32)
     with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path)):
         with pytest.raises(UserError, match="--manual_dir applies to .* tensorflow-datasets gets 'svhn_cropped'"):
-            data.prepare("svhn_cropped", None, download=False, manual_dir=str(tmp_path))
+            datasets.prepare("svhn_cropped", None, download=False, manual_dir=str(tmp_path))
 
 
 def main_command(*flags):
@@ -175,19 +177,19 @@ def test_whole_run_on_tiny_imagenet_distills_evaluates_and_exports(tiny_imagenet
                                   "wrn34_10:depth=10,widen=1", "mobilenetv2:width_multiplier=0.25,max_blocks=1"])
 def test_every_architecture_takes_64x64_images(spec):
     """The CIFAR architectures end in global average pooling, so they take any image size."""
-    model = models.build_model(spec, num_classes=200, input_shape=(64, 64, 3))
+    model = architectures.build_model(spec, num_classes=200, input_shape=(64, 64, 3))
     assert model(np.zeros((1, 64, 64, 3), np.float32), training=False).shape == (1, 200)
 
 
 def test_another_tfds_image_classification_dataset_svhn_cropped(tmp_path):
     write_mock_metadata(str(tmp_path), "svhn_cropped", 64, 32)
     with tfds.testing.mock_data(num_examples=64, data_dir=str(tmp_path)):
-        data.prepare("svhn_cropped", None, download=False)
-        info = data.load_info("svhn_cropped")
+        datasets.prepare("svhn_cropped", None, download=False)
+        info = datasets.load_info("svhn_cropped")
         assert (info.num_classes, info.image_shape, info.test_split) == (10, (32, 32, 3), "test")
-        images, labels = next(iter(data.train_dataset("svhn_cropped", None, 8)))
+        images, labels = next(iter(datasets.train_dataset("svhn_cropped", None, 8)))
         assert images.shape == (8, 32, 32, 3) and labels.shape == (8,)
-        assert sum(int(labels.shape[0]) for _, labels in data.eval_dataset("svhn_cropped", None, 8, 16)) == 16
+        assert sum(int(labels.shape[0]) for _, labels in datasets.eval_dataset("svhn_cropped", None, 8, 16)) == 16
 
 
 def test_a_dataset_without_a_test_or_validation_split_is_one_line(tmp_path):
@@ -197,9 +199,9 @@ def test_a_dataset_without_a_test_or_validation_split_is_one_line(tmp_path):
         tfds.core.SplitInfo(name="train", shard_lengths=[16], num_bytes=0, filename_template=None)]))
     os.makedirs(builder.data_dir)
     builder.info.write_to_directory(builder.data_dir)
-    with pytest.raises(data.DataUnavailableError, match="^dataset 'eurosat' has no test or validation split to "
+    with pytest.raises(datasets.DataUnavailableError, match="^dataset 'eurosat' has no test or validation split to "
                                                         r"evaluate on \(its splits: train\)$"):
-        data.load_info("eurosat", str(tmp_path))
+        datasets.load_info("eurosat", str(tmp_path))
 
 
 def test_the_tiny_imagenet_preset_configures_a_tiny_imagenet_run():

@@ -11,9 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from support import tiny_model
 from mtard_tf import config as config_lib
-from mtard_tf import plot, training
-from mtard_tf.distiller import Distiller
-from mtard_tf.schedules import MilestoneDecay
+from mtard_tf.evaluation import plot
+from mtard_tf.job import runs
+from mtard_tf.methods.b_mtard import Distiller
+from mtard_tf.methods.schedules import MilestoneDecay
 
 BATCH = 16
 # What ScalarSummaries logs for a distiller: the logs of Distiller.train_step at every step, of test_step per epoch.
@@ -103,7 +104,7 @@ def test_distill_writes_scalars_and_student(mock_cifar, teacher_files, tmp_path,
         robust_teacher=teacher_files[1], model_dir=str(tmp_path / "run"), epochs=2, steps_per_epoch=3,
         batch_size=8, validation_steps=1, attack_steps=2, eval_attack_steps=2, milestones=(1,),
         jit_compile="false", verbose=0)
-    path, history = training.train_student(config, strategies[replicas])
+    path, history = runs.train_student(config, strategies[replicas])
     assert path == str(tmp_path / "run" / "student.keras")
     student = keras.models.load_model(path)
     assert student.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0).shape == (2, 10)

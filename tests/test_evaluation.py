@@ -1,4 +1,4 @@
-"""Tests of mtard_tf.evaluation: the report files, their fields, TensorBoard scalars and the sanity check."""
+"""Tests of mtard_tf.evaluation.robustness: the report files, their fields, TensorBoard scalars and the sanity check."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import keras
 from absl import logging
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mtard_tf import evaluation, stats
+from mtard_tf.evaluation import robustness, stats
 
 EPS = 8.0 / 255.0
 NUM_CLASSES = 10
@@ -43,7 +43,7 @@ def test_evaluate_writes_the_reports(model, tmp_path):
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     writer = tf.summary.create_file_writer(str(tmp_path / "tb"))
     output_dir = tmp_path / "eval"
-    report = evaluation.evaluate(model, dataset, attacks="clean,fgsm,pgd_sat,pgd_trades,cw,autoattack",
+    report = robustness.evaluate(model, dataset, attacks="clean,fgsm,pgd_sat,pgd_trades,cw,autoattack",
                                  epsilon=EPS, num_examples=40, batch_size=16, seed=0, output_dir=str(output_dir),
                                  summary_writer=writer, progress=False, step=3, attack_options=SMALL_AUTOATTACK)
 
@@ -76,11 +76,11 @@ def test_evaluate_writes_the_reports(model, tmp_path):
         for name, r in saved["attacks"].items():
             assert per_image[name].dtype == bool and per_image[name].shape == (40,)
             assert per_image[name].mean() == r["accuracy"] and per_image[name].sum() == r["num_correct"]
-    flags, labels = evaluation.read_per_image(str(output_dir))
+    flags, labels = robustness.read_per_image(str(output_dir))
     assert list(flags) == list(saved["attacks"]) and list(labels) == list(y[:40])
     os.remove(output_dir / "per_image.npz")
     with pytest.raises(FileNotFoundError, match="re-run the evaluation"):
-        evaluation.read_per_image(str(output_dir))
+        robustness.read_per_image(str(output_dir))
 
     markdown = (output_dir / "report.md").read_text()
     assert "| Attack | Accuracy (%) | W-Robust (%) | Time (s) |" in markdown
@@ -103,7 +103,7 @@ def test_evaluate_writes_the_reports(model, tmp_path):
 def test_evaluate_repeats_with_a_seed_and_takes_the_first_examples(model, tmp_path):
     x, y = make_data(30, seed=7)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(7)
-    runs = [evaluation.evaluate(model, dataset, attacks=["pgd_sat", "cw"], epsilon=EPS, batch_size=8, seed=5,
+    runs = [robustness.evaluate(model, dataset, attacks=["pgd_sat", "cw"], epsilon=EPS, batch_size=8, seed=5,
                                 output_dir=str(tmp_path / f"run{i}"), progress=i == 0) for i in range(2)]
     assert list(runs[0]["attacks"]) == ["clean", "pgd_sat", "cw"]  # clean is always there, for W-Robust
     for name in runs[0]["attacks"]:
@@ -116,19 +116,19 @@ def test_evaluate_repeats_with_a_seed_and_takes_the_first_examples(model, tmp_pa
 def test_take_examples_batches_and_scales():
     x = (np.arange(5 * 2 * 2 * 3) % 256).astype(np.uint8).reshape(5, 2, 2, 3)
     y = np.arange(5)
-    images, labels = evaluation.take_examples(tf.data.Dataset.from_tensor_slices((x, y)), 3)
+    images, labels = robustness.take_examples(tf.data.Dataset.from_tensor_slices((x, y)), 3)
     assert images.shape == (3, 2, 2, 3) and images.dtype == np.float32
     np.testing.assert_allclose(images, x[:3] / 255.0)
     np.testing.assert_array_equal(labels, [0, 1, 2])
-    images, labels = evaluation.take_examples(tf.data.Dataset.from_tensor_slices((x / 255.0, y)).batch(2), None)
+    images, labels = robustness.take_examples(tf.data.Dataset.from_tensor_slices((x / 255.0, y)).batch(2), None)
     assert images.shape == (5, 2, 2, 3) and list(labels) == [0, 1, 2, 3, 4]
 
 
 def test_parse_attacks():
-    assert evaluation.parse_attacks("autoattack, fgsm") == ("clean", "fgsm", "autoattack")
-    assert evaluation.parse_attacks(evaluation.ATTACK_NAMES) == evaluation.ATTACK_NAMES
+    assert robustness.parse_attacks("autoattack, fgsm") == ("clean", "fgsm", "autoattack")
+    assert robustness.parse_attacks(robustness.ATTACK_NAMES) == robustness.ATTACK_NAMES
     with pytest.raises(ValueError):
-        evaluation.parse_attacks("pgd")
+        robustness.parse_attacks("pgd")
 
 
 def test_sanity_check_flags_violations(monkeypatch, tmp_path):
@@ -137,19 +137,19 @@ def test_sanity_check_flags_violations(monkeypatch, tmp_path):
         "pgd_sat": np.array([True, False, True, False]),  # image 2: PGD-robust but clean-wrong
         "autoattack": np.array([True, True, False, False]),  # image 1: AutoAttack-robust but PGD broke it
     }
-    sanity = evaluation.sanity_check(correct)
+    sanity = robustness.sanity_check(correct)
     assert not sanity["passed"] and sanity["violations"] == 2
     by_pair = {(c["robust_under"], c["implies_correct_under"]): c for c in sanity["checks"]}
     assert by_pair[("pgd_sat", "clean")]["examples"] == [2]
     assert by_pair[("autoattack", "pgd_sat")]["examples"] == [1]
     assert by_pair[("autoattack", "clean")]["violations"] == 0
-    assert evaluation.sanity_check({k: correct["clean"] for k in correct})["passed"]
+    assert robustness.sanity_check({k: correct["clean"] for k in correct})["passed"]
 
     # evaluate() prints the violations as warnings: a "defence" that only looks robust to FGSM.
     warnings = []
     monkeypatch.setattr(logging, "warning", lambda msg, *args: warnings.append(msg % args))
-    monkeypatch.setitem(evaluation.ATTACKS, "fgsm", lambda model, x, y, **kw: tf.convert_to_tensor(x))
-    monkeypatch.setitem(evaluation.ATTACKS, "autoattack",
+    monkeypatch.setitem(robustness.ATTACKS, "fgsm", lambda model, x, y, **kw: tf.convert_to_tensor(x))
+    monkeypatch.setitem(robustness.ATTACKS, "autoattack",
                         lambda model, x, y, epsilon, **kw: tf.clip_by_value(x + epsilon, 0.0, 1.0))
     x = np.full((4, 2, 2, 1), 0.5, np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((x, np.zeros(4, np.int32))).batch(4)
@@ -158,22 +158,22 @@ def test_sanity_check_flags_violations(monkeypatch, tmp_path):
         shift = tf.reduce_max(tf.abs(tf.reshape(inputs, [tf.shape(inputs)[0], -1]) - 0.5), axis=1)
         return tf.stack([1.0 - 100.0 * shift, tf.fill(tf.shape(shift), 0.5)], axis=1)
 
-    report = evaluation.evaluate(fragile, dataset, attacks="fgsm,autoattack", epsilon=EPS, batch_size=4,
+    report = robustness.evaluate(fragile, dataset, attacks="fgsm,autoattack", epsilon=EPS, batch_size=4,
                                  output_dir=str(tmp_path), progress=False)
     assert report["attacks"]["fgsm"]["accuracy"] == 1.0 and report["attacks"]["autoattack"]["accuracy"] == 0.0
     assert report["sanity"]["passed"]  # FGSM weaker than AutoAttack: fine
 
-    monkeypatch.setitem(evaluation.ATTACKS, "fgsm",
+    monkeypatch.setitem(robustness.ATTACKS, "fgsm",
                         lambda model, x, y, epsilon, **kw: tf.clip_by_value(x - epsilon, 0.0, 1.0))
-    monkeypatch.setitem(evaluation.ATTACKS, "autoattack", lambda model, x, y, **kw: tf.convert_to_tensor(x))
-    report = evaluation.evaluate(fragile, dataset, attacks="fgsm,autoattack", epsilon=EPS, batch_size=4,
+    monkeypatch.setitem(robustness.ATTACKS, "autoattack", lambda model, x, y, **kw: tf.convert_to_tensor(x))
+    report = robustness.evaluate(fragile, dataset, attacks="fgsm,autoattack", epsilon=EPS, batch_size=4,
                                  output_dir=str(tmp_path), progress=False)
     assert report["sanity"]["violations"] == 4
     assert any("robust under autoattack but broken by fgsm" in w for w in warnings)
 
 
 def test_an_attack_that_fixes_a_misclassified_image_is_not_robustness(monkeypatch, tmp_path):
-    monkeypatch.setitem(evaluation.ATTACKS, "fgsm",
+    monkeypatch.setitem(robustness.ATTACKS, "fgsm",
                         lambda model, x, y, epsilon, **kw: tf.clip_by_value(x + epsilon, 0.0, 1.0))
     x = np.full((4, 2, 2, 1), 0.5, np.float32)
     labels = np.array([0, 0, 1, 1], np.int32)
@@ -183,7 +183,7 @@ def test_an_attack_that_fixes_a_misclassified_image_is_not_robustness(monkeypatc
         return tf.stack([1.0 - 100.0 * shift, tf.fill(tf.shape(shift), 0.5)], axis=1)
 
     dataset = tf.data.Dataset.from_tensor_slices((x, labels)).batch(4)
-    report = evaluation.evaluate(shift_detector, dataset, attacks="fgsm", epsilon=EPS, batch_size=4,
+    report = robustness.evaluate(shift_detector, dataset, attacks="fgsm", epsilon=EPS, batch_size=4,
                                  output_dir=str(tmp_path), progress=False)
     # Images 2 and 3 are misclassified clean and "correct" after FGSM: neither is robust. Images 0, 1 are broken.
     assert report["attacks"]["clean"]["accuracy"] == 0.5

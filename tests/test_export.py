@@ -1,4 +1,4 @@
-"""Tests of mtard_tf.export (issue 5): TF Serving SavedModel export, versions, atomicity, serving extras."""
+"""Tests of mtard_tf.export.saved_model (issue 5): TF Serving SavedModel export, versions, atomicity, serving extras."""
 
 import os
 import shutil
@@ -14,7 +14,8 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from mtard_tf import export, files
+from mtard_tf import files
+from mtard_tf.export import saved_model
 
 H = W = 32
 CLASS_NAMES = [f"class_{i}" for i in range(10)]
@@ -50,7 +51,7 @@ def exported(tmp_path_factory):
     """A tiny student exported once, with test images (exact multiples of 1/255, so PNG is lossless)."""
     root = tmp_path_factory.mktemp("export")
     model = _tiny_model()
-    path = export.export_model(model, str(root / "saved_models"), "student", CLASS_NAMES)
+    path = saved_model.export_model(model, str(root / "saved_models"), "student", CLASS_NAMES)
     pixels = np.random.default_rng(1).integers(0, 256, size=(4, H, W, 3), dtype=np.uint8)
     images = pixels.astype(np.float32) / 255.0
     return {"root": root, "model": model, "path": path, "pixels": pixels, "images": images,
@@ -158,19 +159,19 @@ def test_versions_explicit_versions_and_failed_exports(tmp_path, monkeypatch):
     model = _tiny_model()
     base = str(tmp_path / "saved_models")
     model_dir = os.path.join(base, "s")
-    assert export.next_version(model_dir) == 1  # missing directory
-    assert export.export_model(model, base, "s", CLASS_NAMES, warmup_examples=0) == os.path.join(model_dir, "1")
-    assert export.export_model(model, base, "s", CLASS_NAMES, warmup_examples=0) == os.path.join(model_dir, "2")
+    assert saved_model.next_version(model_dir) == 1  # missing directory
+    assert saved_model.export_model(model, base, "s", CLASS_NAMES, warmup_examples=0) == os.path.join(model_dir, "1")
+    assert saved_model.export_model(model, base, "s", CLASS_NAMES, warmup_examples=0) == os.path.join(model_dir, "2")
     assert not os.path.exists(os.path.join(model_dir, "2", "assets.extra"))
     with pytest.raises(ValueError, match="already exists"):
-        export.export_model(model, base, "s", CLASS_NAMES, version=2)
+        saved_model.export_model(model, base, "s", CLASS_NAMES, version=2)
     for bad in (0, -1, 1.5):
         with pytest.raises(ValueError, match="positive integer"):
-            export.export_model(model, base, "s", CLASS_NAMES, version=bad)
+            saved_model.export_model(model, base, "s", CLASS_NAMES, version=bad)
     with pytest.raises(ValueError, match="model_name"):
-        export.export_model(model, base, "../escape", CLASS_NAMES)
+        saved_model.export_model(model, base, "../escape", CLASS_NAMES)
     with pytest.raises(ValueError, match="class names"):
-        export.export_model(model, base, "s", CLASS_NAMES[:3])
+        saved_model.export_model(model, base, "s", CLASS_NAMES[:3])
 
     # A failure (or Ctrl-C) after the SavedModel is written, just before publication, leaves nothing numbered.
     for error in (RuntimeError("injected"), KeyboardInterrupt()):
@@ -179,26 +180,26 @@ def test_versions_explicit_versions_and_failed_exports(tmp_path, monkeypatch):
             raise error
         monkeypatch.setattr(files, "fsync_tree", fail)
         with pytest.raises(type(error)):
-            export.export_model(model, base, "s", CLASS_NAMES)
+            saved_model.export_model(model, base, "s", CLASS_NAMES)
         assert sorted(os.listdir(model_dir)) == ["1", "2"]
         with pytest.raises(type(error)):
-            export.export_model(model, base, "fresh", CLASS_NAMES)
+            saved_model.export_model(model, base, "fresh", CLASS_NAMES)
         assert os.listdir(os.path.join(base, "fresh")) == []
     monkeypatch.undo()
 
-    assert export.export_model(model, base, "s", CLASS_NAMES, version=10, warmup_examples=0).endswith("10")
+    assert saved_model.export_model(model, base, "s", CLASS_NAMES, version=10, warmup_examples=0).endswith("10")
     os.makedirs(os.path.join(model_dir, ".tmp-11-1"))  # e.g. left by a SIGKILLed export: ignored
     os.makedirs(os.path.join(model_dir, "notes"))
-    assert export.next_version(model_dir) == 11
+    assert saved_model.next_version(model_dir) == 11
 
 
 def test_models_config_and_warmup_parse_with_serving_protos(exported, tmp_path):
     base = str(tmp_path / "saved_models")
     model = _tiny_model(seed=1)
-    path_b = export.export_model(model, base, "student_b", CLASS_NAMES, warmup_examples=2)
-    export.export_model(model, base, "student_a", CLASS_NAMES, warmup_examples=0)
+    path_b = saved_model.export_model(model, base, "student_b", CLASS_NAMES, warmup_examples=2)
+    saved_model.export_model(model, base, "student_a", CLASS_NAMES, warmup_examples=0)
     os.makedirs(os.path.join(base, "not_a_model", "latest"))  # no numeric version: not listed
-    config_path = export.write_models_config(base)
+    config_path = saved_model.write_models_config(base)
     assert config_path == os.path.join(base, "models.config")
     config = text_format.Parse(open(config_path).read(), model_server_config_pb2.ModelServerConfig())
     entries = [(c.name, c.base_path, c.model_platform) for c in config.model_config_list.config]

@@ -1,5 +1,5 @@
-"""Tests of mtard_tf/import_torch.py against the PyTorch modules of mtard_tf/torch_models.py, which are written from
-the published definitions.
+"""Tests of mtard_tf/pytorch/importer.py against the PyTorch modules of mtard_tf/pytorch/modules.py, which are written
+from the published definitions.
 
 Needs the optional torch (requirements-torch.txt); skipped without it.
 """
@@ -16,8 +16,9 @@ nn = torch.nn
 
 import keras  # noqa: E402  (after the importorskip)
 
-from mtard_tf import import_torch, models  # noqa: E402
-from mtard_tf.torch_models import build_torch_model  # noqa: E402
+from mtard_tf.pytorch import importer  # noqa: E402
+from mtard_tf.models import architectures
+from mtard_tf.pytorch.modules import build_torch_model  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 1e-4
@@ -80,31 +81,31 @@ ARCHITECTURES = (  # tiny configurations
 @pytest.mark.parametrize("spec", ARCHITECTURES)
 def test_logits_match_pytorch(spec):
     reference = _reference(spec)
-    model = import_torch.convert_state_dict(spec, reference.state_dict(), num_classes=10)
+    model = importer.convert_state_dict(spec, reference.state_dict(), num_classes=10)
     _compare(reference, model)
 
 
 def test_wide_resnet_checkpoint_carries_unused_sub_block():
     reference = _reference("wrn34_10:depth=10,widen=1")
     assert any(k.startswith("sub_block1.") for k in reference.state_dict())
-    model = import_torch.convert_state_dict("wrn34_10:depth=10,widen=1", reference.state_dict(), 10)
+    model = importer.convert_state_dict("wrn34_10:depth=10,widen=1", reference.state_dict(), 10)
     assert not any("sub_block" in layer.name for layer in model.layers)
 
 
 def test_every_weighted_layer_maps_to_a_torch_module():
     for spec in ARCHITECTURES:
-        model = models.build_model(spec, 10)
+        model = architectures.build_model(spec, 10)
         torch_names = {k.rsplit(".", 1)[0] for k in _reference(spec).state_dict()}
         for layer in model.layers:
             if layer.weights:
-                assert import_torch.torch_path(layer.name) in torch_names, (spec, layer.name)
+                assert importer.torch_path(layer.name) in torch_names, (spec, layer.name)
 
 
 def test_normalization_from_spec_matches_normalised_reference():
-    mean, std = models.NORMALIZATION_PRESETS["cifar10"]
+    mean, std = architectures.NORMALIZATION_PRESETS["cifar10"]
     reference = _reference("resnet56:depth=8,width=4,normalize=cifar10")
     assert torch.equal(reference.input_mean.flatten(), torch.tensor(mean))
-    model = import_torch.convert_state_dict("resnet56:depth=8,width=4,normalize=cifar10", reference.state_dict(), 10)
+    model = importer.convert_state_dict("resnet56:depth=8,width=4,normalize=cifar10", reference.state_dict(), 10)
     _compare(reference, model)
 
 
@@ -113,11 +114,11 @@ def test_normalization_tensors_in_the_state_dict():
     reference = _reference("resnet56:depth=8,width=4,normalize=" + "/".join(map(str, mean + std)))
     state = dict(reference.state_dict())
     state["mu"], state["sigma"] = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
-    model = import_torch.convert_state_dict("resnet56:depth=8,width=4", state, 10)
+    model = importer.convert_state_dict("resnet56:depth=8,width=4", state, 10)
     assert "normalize" in {layer.name for layer in model.layers}
     _compare(reference, model)
-    with pytest.raises(import_torch.CheckpointError, match="differs from normalize=cifar10"):
-        import_torch.convert_state_dict("resnet56:depth=8,width=4,normalize=cifar10", state, 10)
+    with pytest.raises(importer.CheckpointError, match="differs from normalize=cifar10"):
+        importer.convert_state_dict("resnet56:depth=8,width=4,normalize=cifar10", state, 10)
 
 
 def test_dm_wide_resnet_has_the_robustbench_state_dict():
@@ -136,12 +137,12 @@ def test_dm_wide_resnet_normalization_in_the_checkpoint():
     """A checkpoint that carries DMWideResNet's mean / std buffers (persistent in some versions) sets the
     normalisation; a different `normalize` in --arch is refused."""
     reference = _reference("dm_wrn:depth=10,width=1,normalize=cifar100")
-    mean, std = models.DM_NORMALIZATION_PRESETS["cifar100"]
+    mean, std = architectures.DM_NORMALIZATION_PRESETS["cifar100"]
     state = dict(reference.state_dict(), mean=torch.tensor(mean).view(3, 1, 1), std=torch.tensor(std).view(3, 1, 1))
-    _compare(reference, import_torch.convert_state_dict("dm_wrn:depth=10,width=1", state, 10))
-    _compare(reference, import_torch.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar100", state, 10))
-    with pytest.raises(import_torch.CheckpointError, match="differs from normalize=cifar10 in --arch"):
-        import_torch.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar10", state, 10)
+    _compare(reference, importer.convert_state_dict("dm_wrn:depth=10,width=1", state, 10))
+    _compare(reference, importer.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar100", state, 10))
+    with pytest.raises(importer.CheckpointError, match="differs from normalize=cifar10 in --arch"):
+        importer.convert_state_dict("dm_wrn:depth=10,width=1,normalize=cifar10", state, 10)
 
 
 @pytest.mark.parametrize("prefix", ["module.", "model."])
@@ -152,7 +153,7 @@ def test_robustbench_trades_wide_resnet_checkpoint(prefix, tmp_path):
     reference = _reference(spec)
     path = str(tmp_path / "Zhang2019Theoretically.pt")
     torch.save({"state_dict": {prefix + k: v for k, v in reference.state_dict().items()}}, path)
-    _compare(reference, import_torch.convert_checkpoint(spec, path, 10))
+    _compare(reference, importer.convert_checkpoint(spec, path, 10))
 
 
 @pytest.mark.parametrize("wrap", ["plain", "module", "state_dict", "model+module", "net"])
@@ -169,7 +170,7 @@ def test_checkpoint_file_layouts(wrap, tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     torch.save(checkpoint, path)
     out = str(tmp_path / "teacher.keras")
-    import_torch.convert_checkpoint("resnet56:depth=14,width=4", path, 10, out)
+    importer.convert_checkpoint("resnet56:depth=14,width=4", path, 10, out)
     _compare(reference, keras.models.load_model(out))
 
 
@@ -179,8 +180,8 @@ def test_wrong_shape_missing_and_unexpected_tensors_are_refused():
     state["layer2.0.conv1.weight"] = torch.zeros(8, 4, 5, 5)
     del state["layer3.0.bn2.running_var"]
     state["extra.weight"] = torch.zeros(3)
-    with pytest.raises(import_torch.CheckpointError) as info:
-        import_torch.convert_state_dict(spec, state, 10)
+    with pytest.raises(importer.CheckpointError) as info:
+        importer.convert_state_dict(spec, state, 10)
     message = str(info.value)
     assert "\n" not in message
     assert "missing 1: layer3.0.bn2.running_var" in message
@@ -190,26 +191,26 @@ def test_wrong_shape_missing_and_unexpected_tensors_are_refused():
 
 def test_wrong_class_count_and_wrong_architecture_are_refused():
     state = _reference("wrn34_10:depth=10,widen=1").state_dict()
-    with pytest.raises(import_torch.CheckpointError, match=r"mis-shaped 2: fc.weight \(checkpoint \(10, 64\)"):
-        import_torch.convert_state_dict("wrn34_10:depth=10,widen=1", state, 100)
-    with pytest.raises(import_torch.CheckpointError, match="missing .*unexpected"):
-        import_torch.convert_state_dict("resnet56:depth=8,width=4", state, 10)
+    with pytest.raises(importer.CheckpointError, match=r"mis-shaped 2: fc.weight \(checkpoint \(10, 64\)"):
+        importer.convert_state_dict("wrn34_10:depth=10,widen=1", state, 100)
+    with pytest.raises(importer.CheckpointError, match="missing .*unexpected"):
+        importer.convert_state_dict("resnet56:depth=8,width=4", state, 10)
 
 
 def test_not_a_state_dict_is_refused(tmp_path):
-    with pytest.raises(import_torch.CheckpointError, match="not a tensor"):
-        import_torch.convert_state_dict("resnet56:depth=8", {"conv1.weight": "oops"}, 10)
-    with pytest.raises(import_torch.CheckpointError, match="no such checkpoint file"):
-        import_torch.load_checkpoint(str(tmp_path / "absent.pt"))
+    with pytest.raises(importer.CheckpointError, match="not a tensor"):
+        importer.convert_state_dict("resnet56:depth=8", {"conv1.weight": "oops"}, 10)
+    with pytest.raises(importer.CheckpointError, match="no such checkpoint file"):
+        importer.load_checkpoint(str(tmp_path / "absent.pt"))
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(import_torch.CheckpointError, match="cannot read"):
-        import_torch.load_checkpoint(str(garbage))
+    with pytest.raises(importer.CheckpointError, match="cannot read"):
+        importer.load_checkpoint(str(garbage))
 
 
 def _run_cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "mtard_tf.import_torch", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "mtard_tf.pytorch.importer", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -1,5 +1,5 @@
-"""mtard_tf.keras_repairs: the private Keras / TensorFlow API its overrides rely on is still there, and the repairs
-apply to trainers built under MultiWorkerMirroredStrategy only. Fast: nothing is trained."""
+"""mtard_tf.methods.keras_repairs: the private Keras / TensorFlow API its overrides rely on is still there, and the
+repairs apply to trainers built under MultiWorkerMirroredStrategy only. Fast: nothing is trained."""
 
 import inspect
 
@@ -9,13 +9,14 @@ import pytest
 import tensorflow as tf
 
 from support import tiny_model
-from mtard_tf import keras_repairs
-from mtard_tf.distiller import Distiller
-from mtard_tf.trainer import Trainer
+from mtard_tf.methods import keras_repairs
+from mtard_tf.methods.b_mtard import Distiller
+from mtard_tf.methods.trainer import Trainer
 
-UPGRADE_HINT = ("a Keras upgrade changed the private trainer API that mtard_tf.keras_repairs.MultiWorkerRepairs "
-                "overrides; check whether the upgrade fixed the MultiWorkerMirroredStrategy problems "
-                "(tests/test_scale.py trains on 2 workers), then adapt or remove the repair")
+UPGRADE_HINT = ("a Keras upgrade changed the private trainer API that "
+                "mtard_tf.methods.keras_repairs.MultiWorkerRepairs overrides; check whether the upgrade fixed the "
+                "MultiWorkerMirroredStrategy problems (tests/test_scale.py trains on 2 workers), then adapt or remove "
+                "the repair")
 OVERRIDES = [name for name, value in vars(keras_repairs.MultiWorkerRepairs).items()
              if inspect.isfunction(value) and name.startswith("_")]
 

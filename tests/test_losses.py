@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mtard_tf import balancing, losses
+from mtard_tf.methods import balancing, losses
 
 LOGITS_TEACHER = np.array([[2.0, 0.5, -1.0], [0.1, 0.2, 3.0]], np.float32)
 LOGITS_STUDENT = np.array([[1.0, 1.0, 0.0], [-2.0, 0.0, 1.0]], np.float32)

@@ -14,7 +14,7 @@ import tensorflow as tf
 
 from support import kl_div_elements, log_softmax, softmax, tiny_model
 from mtard_tf import config as config_lib
-from mtard_tf import losses, methods
+from mtard_tf.methods import losses, registry
 
 BATCH = 16
 RTOL = 1e-5
@@ -178,8 +178,8 @@ def first_step_loss(method, kl_scale):
     """The logged loss of one train_step of `method` built by the registry, from fixed weights and seeds."""
     keras.utils.set_random_seed(7)
     student = tiny_model("student")
-    frozen = {kind: tiny_model(kind) for kind in methods.METHODS[method].teachers}
-    trainer = methods.METHODS[method].build(
+    frozen = {kind: tiny_model(kind) for kind in registry.METHODS[method].teachers}
+    trainer = registry.METHODS[method].build(
         student, frozen, config_lib.make(kl_scale=kl_scale), lambda value: value, epsilon=4 / 255,
         attack_steps=1, attack_step_size=2 / 255, weight_decay=0.0, eval_attack_steps=0, seed=3)
     trainer.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=False)

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from support import kl_div_elements, log_softmax, softmax, tiny_model
-from mtard_tf import config as config_lib
-from mtard_tf import losses, main, methods, training
+from mtard_tf import config as config_lib, main
+from mtard_tf.job import runs
+from mtard_tf.methods import losses, registry
 
 STEPS = 15
 # Each method's logged terms besides loss and learning_rate.
@@ -43,9 +44,9 @@ def initial_weights():
         name: confident_teacher(name, 30.0).get_weights() for name in ("clean", "robust")}
 
 
-@pytest.mark.parametrize("method", methods.METHOD_NAMES)
+@pytest.mark.parametrize("method", registry.METHOD_NAMES)
 def test_train_step_reduces_its_own_loss_and_updates_only_the_student(method, initial_weights):
-    spec = methods.METHODS[method]
+    spec = registry.METHODS[method]
     student = tiny_model("student", width=8)
     student.set_weights(initial_weights["student"])
     frozen = {}
@@ -85,9 +86,9 @@ def test_ard_loss_is_tau_squared_kl_per_class_on_clean_teacher_logits():
 
 
 def test_flag_names_match_the_registry():
-    assert config_lib.METHOD_NAMES == methods.METHOD_NAMES
-    assert set(methods.TEACHER_TRAINING) == set(config_lib.TEACHER_METHODS)
-    assert set(methods.TEACHER_TRAINING.values()) <= set(methods.METHOD_NAMES)
+    assert config_lib.METHOD_NAMES == registry.METHOD_NAMES
+    assert set(registry.TEACHER_TRAINING) == set(config_lib.TEACHER_METHODS)
+    assert set(registry.TEACHER_TRAINING.values()) <= set(registry.METHOD_NAMES)
 
 
 @pytest.mark.parametrize("argv,method", [
@@ -98,6 +99,7 @@ def test_flag_names_match_the_registry():
 ])
 def test_method_flag(argv, method, monkeypatch):
     monkeypatch.chdir(main.os.path.dirname(main.os.path.dirname(main.__file__)))
+    main.define_flags()
     try:
         main.FLAGS(["main", *argv])
         config = config_lib.from_flags(main.FLAGS)
@@ -111,7 +113,7 @@ def test_method_flag(argv, method, monkeypatch):
 def test_method_needing_a_teacher_without_one_is_a_clear_error(mock_cifar, strategies, tmp_path):
     config = config_lib.make(model_dir=str(tmp_path), student="resnet18:width=2,blocks=1", epochs=1,
                              steps_per_epoch=1, batch_size=8, jit_compile="false", verbose=0)
-    with pytest.raises(training.teachers.TeacherError, match="method 'ard' needs a robust teacher"):
-        training.train_student(config_lib.replace(config, method="ard"), strategies[1])
+    with pytest.raises(runs.loading.TeacherError, match="method 'ard' needs a robust teacher"):
+        runs.train_student(config_lib.replace(config, method="ard"), strategies[1])
     with pytest.raises(config_lib.ConfigError, match="unknown method 'madry'"):
-        training.train_student(config_lib.replace(config, method="madry"), strategies[1])
+        runs.train_student(config_lib.replace(config, method="madry"), strategies[1])

@@ -1,10 +1,10 @@
-"""Tests of the model registry (mtard_tf/models.py)."""
+"""Tests of the model registry (mtard_tf/models/architectures.py)."""
 
 import numpy as np
 import pytest
 import keras
 
-from mtard_tf import models
+from mtard_tf.models import architectures
 
 TINY_SPECS = [
     "resnet18:width=4,blocks=1",
@@ -30,13 +30,13 @@ def _trainable_parameters(model):
 
 
 def test_available_models():
-    assert models.available_models() == sorted(
+    assert architectures.available_models() == sorted(
         ["resnet18", "resnet56", "cifar_resnet", "wrn34_10", "wide_resnet", "mobilenetv2", "dm_wrn"])
 
 
 @pytest.mark.parametrize("spec", TINY_SPECS)
 def test_tiny_model_builds_saves_and_reloads(spec, tmp_path):
-    model = models.build_model(spec, num_classes=7)
+    model = architectures.build_model(spec, num_classes=7)
     assert model.name == spec.split(":")[0]
     x = _images()
     logits = model(x, training=False)
@@ -49,13 +49,13 @@ def test_tiny_model_builds_saves_and_reloads(spec, tmp_path):
 
 
 def test_input_shape_and_class_count():
-    model = models.build_model("resnet18:width=2,blocks=1", num_classes=100, input_shape=(16, 16, 3))
+    model = architectures.build_model("resnet18:width=2,blocks=1", num_classes=100, input_shape=(16, 16, 3))
     assert tuple(model.input_shape) == (None, 16, 16, 3)
     assert tuple(model(_images(size=16)).shape) == (2, 100)
 
 
 def test_stride_two_convolutions_pad_symmetrically():
-    model = models.build_model("resnet18:width=2,blocks=1", num_classes=10)
+    model = architectures.build_model("resnet18:width=2,blocks=1", num_classes=10)
     names = {layer.name for layer in model.layers}
     assert {"layer2_0_conv1_pad", "layer3_0_conv1_pad", "layer4_0_conv1_pad"} <= names
     for layer in model.layers:
@@ -66,8 +66,8 @@ def test_stride_two_convolutions_pad_symmetrically():
 
 
 def test_sync_batchnorm_flag():
-    plain = models.build_model("resnet56:depth=8,width=2", 10)
-    synced = models.build_model("resnet56:depth=8,width=2", 10, sync_batchnorm=True)
+    plain = architectures.build_model("resnet56:depth=8,width=2", 10)
+    synced = architectures.build_model("resnet56:depth=8,width=2", 10, sync_batchnorm=True)
     bn = [l for l in plain.layers if isinstance(l, keras.layers.BatchNormalization)]
     bn_sync = [l for l in synced.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bn and len(bn) == len(bn_sync)
@@ -75,14 +75,14 @@ def test_sync_batchnorm_flag():
 
 
 def test_wide_resnet_has_no_sub_block():
-    model = models.build_model("wrn34_10:depth=10,widen=1", 10)
+    model = architectures.build_model("wrn34_10:depth=10,widen=1", 10)
     assert not any("sub_block" in layer.name for layer in model.layers)
     assert any(layer.name.startswith("block3_layer_0") for layer in model.layers)
 
 
 def test_dm_wide_resnet_layers():
     """Stride-2 3x3 convs padded bottom/right only, BatchNorm momentum 0.99, swish, DeepMind's CIFAR-10 statistics."""
-    model = models.build_model("dm_wrn:depth=10,width=2", 10)
+    model = architectures.build_model("dm_wrn:depth=10,width=2", 10)
     layers = {layer.name: layer for layer in model.layers}
     for name in ("layer_1_block_0_conv__0_pad", "layer_2_block_0_conv__0_pad"):
         assert layers[name].padding == ((0, 1), (0, 1))
@@ -90,28 +90,28 @@ def test_dm_wide_resnet_layers():
     assert all(layer.momentum == pytest.approx(0.99) and layer.epsilon == pytest.approx(1e-5)
                for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
     assert layers["layer_0_block_0_relu__0"].get_config()["activation"] == "silu"
-    mean, std = models.DM_NORMALIZATION_PRESETS["cifar10"]
+    mean, std = architectures.DM_NORMALIZATION_PRESETS["cifar10"]
     np.testing.assert_allclose(layers["normalize"].get_config()["variance"], np.square(std), rtol=1e-6)
     np.testing.assert_allclose(layers["normalize"].get_config()["mean"], mean, rtol=1e-6)
-    relu = models.build_model("dm_wrn:depth=10,width=2,activation=relu,normalize=none", 10)
+    relu = architectures.build_model("dm_wrn:depth=10,width=2,activation=relu,normalize=none", 10)
     assert isinstance(relu.get_layer("relu"), keras.layers.ReLU)
     assert "normalize" not in {layer.name for layer in relu.layers}
 
 
 def test_normalize_layer(tmp_path):
-    plain = models.build_model("resnet18:width=2,blocks=1", 10)
-    normed = models.build_model("resnet18:width=2,blocks=1,normalize=cifar10", 10)
+    plain = architectures.build_model("resnet18:width=2,blocks=1", 10)
+    normed = architectures.build_model("resnet18:width=2,blocks=1,normalize=cifar10", 10)
     assert "normalize" in {layer.name for layer in normed.layers}
     assert "normalize" not in {layer.name for layer in plain.layers}
     normed.set_weights(plain.get_weights())
-    mean, std = models.NORMALIZATION_PRESETS["cifar10"]
+    mean, std = architectures.NORMALIZATION_PRESETS["cifar10"]
     x = _images()
     expected = _np(plain((x - np.array(mean, np.float32)) / np.array(std, np.float32)))
     np.testing.assert_allclose(_np(normed(x)), expected, atol=1e-5)
     path = str(tmp_path / "normed.keras")
     normed.save(path)
     np.testing.assert_array_equal(_np(keras.models.load_model(path)(x)), _np(normed(x)))
-    custom = models.build_model("resnet18:width=2,blocks=1,normalize=0.5/0.5/0.5/0.25/0.25/0.25", 10)
+    custom = architectures.build_model("resnet18:width=2,blocks=1,normalize=0.5/0.5/0.5/0.25/0.25/0.25", 10)
     custom.set_weights(plain.get_weights())
     np.testing.assert_allclose(_np(custom(x)), _np(plain((x - 0.5) / 0.25)), atol=1e-5)
 
@@ -124,7 +124,7 @@ def test_normalize_layer(tmp_path):
     ("resnet56:normalize=cifar10", ("resnet56", {"normalize": "cifar10"})),
 ])
 def test_parse_model_spec(spec, expected):
-    assert models.parse_model_spec(spec) == expected
+    assert architectures.parse_model_spec(spec) == expected
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -136,7 +136,7 @@ def test_parse_model_spec(spec, expected):
 ])
 def test_parse_model_spec_rejects(spec, message):
     with pytest.raises(ValueError, match=message) as info:
-        models.parse_model_spec(spec)
+        architectures.parse_model_spec(spec)
     assert "\n" not in str(info.value)
 
 
@@ -147,9 +147,9 @@ def test_parse_model_spec_rejects(spec, message):
 ])
 def test_build_model_rejects_bad_values(spec):
     with pytest.raises(ValueError):
-        models.model_arguments(spec)
+        architectures.model_arguments(spec)
     with pytest.raises(ValueError):
-        models.build_model(spec, 10)
+        architectures.build_model(spec, 10)
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -158,7 +158,7 @@ def test_build_model_rejects_bad_values(spec):
     ("wrn34_10:depth=10,widen=2", ("wrn34_10", {"depth": 10, "widen": 2, "normalize": None})),
     ("mobilenetv2:width_multiplier=1", ("mobilenetv2", {"width_multiplier": 1.0, "max_blocks": 0, "normalize": None})),
     ("resnet56:normalize=cifar10", ("resnet56", {"depth": 56, "width": 16,
-                                                 "normalize": models.NORMALIZATION_PRESETS["cifar10"]})),
+                                                 "normalize": architectures.NORMALIZATION_PRESETS["cifar10"]})),
     ("dm_wrn", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish",
                            "normalize": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))})),
     ("dm_wrn:normalize=cifar100", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish",
@@ -166,7 +166,7 @@ def test_build_model_rejects_bad_values(spec):
     ("dm_wrn:normalize=none", ("dm_wrn", {"depth": 70, "width": 16, "activation": "swish", "normalize": None})),
 ])
 def test_model_arguments_fill_in_the_defaults(spec, expected):
-    assert models.model_arguments(spec) == expected
+    assert architectures.model_arguments(spec) == expected
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -176,7 +176,7 @@ def test_model_arguments_fill_in_the_defaults(spec, expected):
     ("mobilenetv2", 2_296_922),     # kuangliu MobileNetV2, CIFAR-10: 2.30M
 ])
 def test_full_size_parameter_counts(spec, expected):
-    model = models.build_model(spec, num_classes=10)
+    model = architectures.build_model(spec, num_classes=10)
     assert _trainable_parameters(model) == expected
 
 
@@ -197,7 +197,7 @@ def test_full_size_dm_wrn_70_16_parameter_count():
     (building the full model takes ~20 s and 1 GB; built once, it had 266,888,756 trainable weights at 100 classes)."""
     assert _wide_resnet_parameters(34, 10, 10) == 46_160_474  # the TRADES WRN-34-10 count built above
     for spec, depth, width in (("dm_wrn:depth=10,width=1", 10, 1), ("dm_wrn:depth=16,width=2", 16, 2)):
-        assert _trainable_parameters(models.build_model(spec, num_classes=100)) == _wide_resnet_parameters(
+        assert _trainable_parameters(architectures.build_model(spec, num_classes=100)) == _wide_resnet_parameters(
             depth, width, 100)
     assert _wide_resnet_parameters(70, 16, 10) == 266_796_506
     assert _wide_resnet_parameters(70, 16, 100) == 266_888_756
@@ -206,7 +206,7 @@ def test_full_size_dm_wrn_70_16_parameter_count():
 def test_mixed_precision_logits_are_float32():
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
-        model = models.build_model("resnet18:width=2,blocks=1", 10)
+        model = architectures.build_model("resnet18:width=2,blocks=1", 10)
         logits = model(_images(), training=False)
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -216,7 +216,7 @@ def test_mixed_precision_logits_are_float32():
 
 
 def test_synchronized_batchnorm_runs_in_training_mode():
-    model = models.build_model("resnet56:depth=8,width=2", 10, sync_batchnorm=True)
+    model = architectures.build_model("resnet56:depth=8,width=2", 10, sync_batchnorm=True)
     before = [w.numpy().copy() for w in model.non_trainable_weights]
     assert tuple(model(_images(), training=True).shape) == (2, 10)
     after = [w.numpy() for w in model.non_trainable_weights]

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 from support import ROOT
-from mtard_tf import models
+from mtard_tf.models import architectures
 
 # Each of these died with a segmentation fault or "malloc(): corrupted top size" in its first training steps on
 # 64x64 images while the projection was a 1x1 convolution of stride 2.
@@ -26,10 +26,11 @@ NARROW_SPECS = [
 TRAIN_SCRIPT = """
 import json, sys
 import keras, numpy as np
-from mtard_tf import methods, models
+from mtard_tf.methods import baselines
+from mtard_tf.models import architectures
 for spec, size, channels in json.loads(sys.argv[1]):
-    model = models.build_model(spec, 10, (size, size, channels))
-    trainer = methods.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
+    model = architectures.build_model(spec, 10, (size, size, channels))
+    trainer = baselines.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
     images = rng.uniform(size=(8, size, size, channels)).astype("float32")
@@ -55,7 +56,7 @@ def test_narrow_registry_models_train_on_64x64_images():
 
 
 def test_strided_projection_is_a_strided_1x1_convolution():
-    model = models.build_model("resnet18:width=4,blocks=1", 10, (33, 33, 3))
+    model = architectures.build_model("resnet18:width=4,blocks=1", 10, (33, 33, 3))
     projection = model.get_layer("layer2_0_shortcut_0")
     assert projection.strides == (1, 1) and projection.kernel.shape == (1, 1, 4, 8)
     inputs = tf.random.normal([2, 33, 33, 4], seed=1)
@@ -66,5 +67,5 @@ def test_strided_projection_is_a_strided_1x1_convolution():
 
 @pytest.mark.parametrize("size", [33, 34])
 def test_dm_wrn_refuses_sizes_its_padding_cannot_add(size):
-    with pytest.raises(models.ModelSpecError, match="multiples of 4"):
-        models.build_model("dm_wrn:depth=10,width=1", 10, (size, size, 3))
+    with pytest.raises(architectures.ModelSpecError, match="multiples of 4"):
+        architectures.build_model("dm_wrn:depth=10,width=1", 10, (size, size, 3))

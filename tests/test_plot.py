@@ -1,4 +1,4 @@
-"""mtard_tf.plot: per-step scalars read back from TensorBoard logs, the balance picture and its command."""
+"""mtard_tf.evaluation.plot: per-step scalars read back from TensorBoard logs, the balance picture and its command."""
 
 import os
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mtard_tf import plot
+from mtard_tf.evaluation import plot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +34,7 @@ STEP_TAGS = ("loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperatur
 
 
 def write_run(log_dir, steps, resumed, tags=STEP_TAGS):
-    """Writes per-step scalars as mtard_tf.summaries.ScalarSummaries does (tf.summary.scalar, tensor summaries)."""
+    """Writes per-step scalars as mtard_tf.job.summaries.ScalarSummaries does (tf.summary.scalar, tensor summaries)."""
     writer = tf.summary.create_file_writer(log_dir)
     for step in steps:
         logs = synthetic_logs(step, resumed)
@@ -107,8 +107,8 @@ def test_a_missing_log_directory_is_a_clear_error(tmp_path):
 
 
 def run_command(*flags):
-    return subprocess.run([sys.executable, "-m", "mtard_tf.plot", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "mtard_tf.evaluation.plot", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_command(run_dir, tmp_path):

@@ -2,8 +2,8 @@
 
 import os
 
-from mtard_tf import profiling, training
 from mtard_tf import config as config_lib
+from mtard_tf.job import profiling, runs
 
 
 def test_profile_dir_traces_the_chosen_step_of_a_distillation(mock_cifar, teacher_files, tmp_path, strategies):
@@ -13,7 +13,7 @@ def test_profile_dir_traces_the_chosen_step_of_a_distillation(mock_cifar, teache
         model_dir=str(tmp_path / "run"), epochs=1, steps_per_epoch=3, batch_size=8, validation_steps=1,
         attack_steps=1, eval_attack_steps=1, jit_compile="false", verbose=0, profile_dir=profile_dir,
         profile_step=2)
-    training.train_student(config, strategies[1])
+    runs.train_student(config, strategies[1])
     logdir = os.path.join(profile_dir, "student")
     [trace] = profiling.trace_files(logdir)  # one step: one start and stop of the profiler
     assert os.path.dirname(os.path.dirname(trace)) == os.path.join(logdir, "plugins", "profile")

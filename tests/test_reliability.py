@@ -15,7 +15,8 @@ import tensorflow as tf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from support import ROOT, final_state, main_command, run_main, tiny_model, write_teacher_files
-from mtard_tf import checkpointing, data, wall_time
+from mtard_tf.data import datasets
+from mtard_tf.job import checkpointing, wall_time
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=2",
            "--steps_per_epoch=4", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
@@ -23,25 +24,25 @@ DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,bl
 
 
 def test_train_stream_resumes_at_any_step(mock_cifar):
-    full = iter(data.train_dataset("cifar10", None, 8, seed=5))
+    full = iter(datasets.train_dataset("cifar10", None, 8, seed=5))
     batches = [next(full) for _ in range(20)]  # 2.5 epochs of the 64 mock examples
     for start in (3, 8, 13):
-        resumed = iter(data.train_dataset("cifar10", None, 8, seed=5, start_step=start))
+        resumed = iter(datasets.train_dataset("cifar10", None, 8, seed=5, start_step=start))
         for k in range(start, 20):
             images, labels = next(resumed)
             np.testing.assert_array_equal(images.numpy(), batches[k][0].numpy())
             np.testing.assert_array_equal(labels.numpy(), batches[k][1].numpy())
-    other_seed = next(iter(data.train_dataset("cifar10", None, 8, seed=6)))
+    other_seed = next(iter(datasets.train_dataset("cifar10", None, 8, seed=6)))
     assert not np.array_equal(other_seed[0].numpy(), batches[0][0].numpy())
 
 
 def test_augmentation_stays_a_shifted_flipped_copy():
     image = tf.random.uniform((32, 32, 3), 0.1, 1.0)
-    out = data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy()
+    out = datasets.augment_image(image, tf.constant([1, 2], tf.int64)).numpy()
     padded = np.pad(image.numpy(), ((4, 4), (4, 4), (0, 0)))
     windows = [padded[i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
     assert any(np.array_equal(out, w) or np.array_equal(out, w[:, ::-1]) for w in windows)
-    np.testing.assert_array_equal(out, data.augment_image(image, tf.constant([1, 2], tf.int64)).numpy())
+    np.testing.assert_array_equal(out, datasets.augment_image(image, tf.constant([1, 2], tf.int64)).numpy())
 
 
 @pytest.fixture(scope="module")

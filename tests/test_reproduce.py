@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 from absl import flags
 
-from mtard_tf import config as config_lib
-from mtard_tf import files, reproduce, stats
+from mtard_tf import config as config_lib, files, reproduce
+from mtard_tf.evaluation import stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(dataset="cifar10", student="resnet56:depth=8,width=2", clean_teacher_arch="resnet56:depth=8,width=2",
@@ -275,6 +275,7 @@ def test_seeds_and_recipe_flags_reach_reproduce(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(reproduce, "_run", lambda *args: calls.append(args))
     monkeypatch.setattr(reproduce.startup, "run_command", lambda make_config, body, verbose: body(make_config()))
+    reproduce.define_flags()
     try:
         flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={tmp_path}",
                      "--methods=sat,b_mtard", "--seed=5", f"--model_dir={tmp_path}"])

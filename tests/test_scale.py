@@ -11,7 +11,9 @@ import pytest
 import tensorflow as tf
 
 from support import ROOT, final_state, main_command, run_main
-from mtard_tf import attacks, distribute, losses
+from mtard_tf.attacks import white_box
+from mtard_tf.job import distribute
+from mtard_tf.methods import losses
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--sync_batchnorm",
            "--steps_per_epoch=3", "--batch_size=8", "--validation_steps=1", "--attack_steps=2",
@@ -99,16 +101,16 @@ def test_float16_attack_gradient_does_not_underflow():
         # A cross-entropy 1e5 times smaller: the size of the loss of a confidently classified image.
         return lambda x: 1e-5 * losses.cross_entropy(labels, model(x, training=False))
 
-    reference = float(attacks.zero_gradient_fraction(objective(models["float32"]), images))
-    unscaled = float(attacks.zero_gradient_fraction(objective(models["mixed_float16"]), images, scale=1.0))
-    scaled = float(attacks.zero_gradient_fraction(objective(models["mixed_float16"]), images))
+    reference = float(white_box.zero_gradient_fraction(objective(models["float32"]), images))
+    unscaled = float(white_box.zero_gradient_fraction(objective(models["mixed_float16"]), images, scale=1.0))
+    scaled = float(white_box.zero_gradient_fraction(objective(models["mixed_float16"]), images))
     assert reference == 0.0
     assert unscaled > 0.3, "the test objective no longer makes float16 gradients underflow"
     assert scaled < 0.01
 
-    start = attacks.normal_start(images, tf.random.stateless_normal(images.shape, seed=[2, 3]))
-    images_adv = attacks.pgd(objective(models["mixed_float16"]), images, start, epsilon=8 / 255,
-                             step_size=2 / 255, steps=4)
+    start = white_box.normal_start(images, tf.random.stateless_normal(images.shape, seed=[2, 3]))
+    images_adv = white_box.pgd(objective(models["mixed_float16"]), images, start, epsilon=8 / 255,
+                               step_size=2 / 255, steps=4)
     # The attack works: it stays in the ball and raises every image's loss.
     assert np.abs(images_adv.numpy() - images.numpy()).max() <= 8 / 255 + 1e-6
     loss = objective(models["mixed_float16"])

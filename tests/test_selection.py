@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from support import MOCK_TRAIN_EXAMPLES, run_main
-from mtard_tf import data, evaluation, training
+from mtard_tf.data import datasets
+from mtard_tf.evaluation import robustness
+from mtard_tf.job import runs
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--epochs=3",
            "--milestones=2", "--steps_per_epoch=2", "--batch_size=8", "--validation_steps=1", "--attack_steps=1",
@@ -18,23 +20,23 @@ DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,bl
 def test_select_epochs_follow_the_reference_schedule():
     # MTARD-extension resnet18_mtard_cifar10.py: epoch 1, every 20th before 215, every epoch from 215 on.
     expected = (1, *range(20, 215, 20), *range(215, 301))
-    assert training.select_epochs(300, (215, 260, 285), 20) == expected
-    assert training.select_epochs(5, (4,), 20) == (1, 4, 5)
-    assert training.select_epochs(7, (), 3) == (1, 3, 6, 7)
+    assert runs.select_epochs(300, (215, 260, 285), 20) == expected
+    assert runs.select_epochs(5, (4,), 20) == (1, 4, 5)
+    assert runs.select_epochs(7, (), 3) == (1, 3, 6, 7)
 
 
 def test_held_out_examples_never_reach_the_training_stream(mock_cifar):
     holdout = 16
-    images, _ = data._train_arrays("cifar10", None)  # pylint: disable=protected-access
+    images, _ = datasets._train_arrays("cifar10", None)  # pylint: disable=protected-access
     held = {bytes(image) for image in np.asarray(images[-holdout:])}
     kept = {bytes(image) for image in np.asarray(images[:-holdout])}
-    stream = iter(data.train_dataset("cifar10", None, 8, seed=3, augment=False, holdout=holdout))
+    stream = iter(datasets.train_dataset("cifar10", None, 8, seed=3, augment=False, holdout=holdout))
     seen = set()
     for _ in range(2 * (MOCK_TRAIN_EXAMPLES - holdout) // 8):  # two epochs of the kept examples
         batch, _ = next(stream)
         seen |= {bytes(np.round(image * 255).astype(np.uint8)) for image in batch.numpy()}
     assert seen == kept and not seen & held
-    holdout_images = np.concatenate([x.numpy() for x, _ in data.holdout_dataset("cifar10", None, 5, holdout)])
+    holdout_images = np.concatenate([x.numpy() for x, _ in datasets.holdout_dataset("cifar10", None, 5, holdout)])
     assert {bytes(np.round(image * 255).astype(np.uint8)) for image in holdout_images} == held
 
 
@@ -59,10 +61,10 @@ def test_selected_and_last_students_are_saved_with_the_record(mock_metadata_dir,
 
     # student.keras is the selected epoch's model: evaluated again the same way, it gives the recorded figure.
     if mode == "best_test":
-        dataset = data.eval_dataset("cifar10", None, 250, 16)
+        dataset = datasets.eval_dataset("cifar10", None, 250, 16)
     else:
-        dataset = data.holdout_dataset("cifar10", None, 250, 16, 16)
-    report = evaluation.evaluate(keras.models.load_model(model_dir / "student.keras"), dataset,
+        dataset = datasets.holdout_dataset("cifar10", None, 250, 16, 16)
+    report = robustness.evaluate(keras.models.load_model(model_dir / "student.keras"), dataset,
                                  attacks=("clean", "pgd_trades"), num_examples=16, seed=0,
                                  output_dir=str(tmp_path / "again"), progress=False)
     assert report["attacks"]["pgd_trades"]["w_robust"] == pytest.approx(selection["metric"])

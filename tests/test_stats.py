@@ -1,4 +1,4 @@
-"""Tests of mtard_tf.stats against values computed by hand."""
+"""Tests of mtard_tf.evaluation.stats against values computed by hand."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from mtard_tf import stats
+from mtard_tf.evaluation import stats
 
 
 def wilson_by_hand(k, n, confidence=0.95):

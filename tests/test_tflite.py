@@ -11,8 +11,9 @@ import pytest
 import tensorflow as tf
 
 from support import run_main, tiny_model
-from mtard_tf import config as config_lib
-from mtard_tf import export, files, pipeline, tflite
+from mtard_tf import config as config_lib, files
+from mtard_tf.export import saved_model, tflite
+from mtard_tf.job import stages
 
 NUM_CLASSES = 10
 SIZE = 8
@@ -76,14 +77,15 @@ def test_each_quantisation_exports_loads_and_agrees_with_keras(trained, tmp_path
 
 def test_versions_count_across_formats_and_a_failed_export_leaves_nothing(trained, tmp_path, monkeypatch):
     base = str(tmp_path)
-    assert export.export_model(trained, base, "m", [str(i) for i in range(NUM_CLASSES)],
-                               warmup_examples=0).endswith(os.path.join("m", "1"))
+    assert saved_model.export_model(trained, base, "m", [str(i) for i in range(NUM_CLASSES)],
+                                    warmup_examples=0).endswith(os.path.join("m", "1"))
     assert tflite.export_tflite(trained, base, "m").endswith(os.path.join("m", "2.tflite"))
-    for exporter in (lambda: export.export_model(trained, base, "m", [str(i) for i in range(NUM_CLASSES)], version=2),
+    class_names = [str(i) for i in range(NUM_CLASSES)]
+    for exporter in (lambda: saved_model.export_model(trained, base, "m", class_names, version=2),
                      lambda: tflite.export_tflite(trained, base, "m", version=1)):
-        with pytest.raises(export.ExportError, match="already exists"):
+        with pytest.raises(saved_model.ExportError, match="already exists"):
             exporter()
-    assert export.next_version(os.path.join(base, "m")) == 3
+    assert saved_model.next_version(os.path.join(base, "m")) == 3
     assert tflite.read_model_card(os.path.join(base, "m", "2.tflite")) is None  # no card asked for
 
     def fail(*args):
@@ -123,14 +125,14 @@ def student_run(mock_cifar, tmp_path):
     accuracy = {"accuracy": 0.5, "ci95": [0.3, 0.7], "num_correct": 8, "num_examples": 16, "seconds": 1.0}
     files.write_json(str(run / "eval" / "report.json"), {
         "attacks": {"clean": accuracy, "autoattack": {**accuracy, "accuracy": 0.25, "num_correct": 4}},
-        "epsilon": 8 / 255, "num_examples": 16, "model": {"sha256": pipeline.file_sha256(student)}})
+        "epsilon": 8 / 255, "num_examples": 16, "model": {"sha256": stages.file_sha256(student)}})
     config = config_lib.make(model_dir=str(tmp_path / "elsewhere"), export_dir=str(tmp_path / "exported"),
                              num_eval_examples=8, eval_batch_size=4, square_queries=5, verbose=0)
     return config, student
 
 
 def check_card(card, student):
-    assert card["source_model"] == {"path": student, "sha256": pipeline.file_sha256(student)}
+    assert card["source_model"] == {"path": student, "sha256": stages.file_sha256(student)}
     assert len(card["class_names"]) == NUM_CLASSES
     training = card["training"]
     assert training["source"] == str(pathlib.Path(student).with_suffix(".json")) + " (the training run's configuration)"
@@ -146,34 +148,34 @@ def check_card(card, student):
 
 def test_both_formats_carry_the_model_card(student_run):
     config, student = student_run
-    saved_model = pipeline.export_stage(config, student, reuse=False)
+    saved_model = stages.export_stage(config, student, reuse=False)
     with open(os.path.join(saved_model, "assets.extra", "model_card.json")) as f:
         card = json.load(f)
     check_card(card, student)
     assert (card["format"], card["version"], card["precision"]) == ("savedmodel", 1, "float32")
 
     config = config_lib.replace(config, format="tflite", quantize="int8", representative_examples=8)
-    path = pipeline.export_stage(config, student)
+    path = stages.export_stage(config, student)
     assert path.endswith(os.path.join("mtard_student", "2.tflite"))
     card = tflite.read_model_card(path)
     check_card(card, student)
     assert (card["format"], card["quantization"], card["representative_examples"]) == ("tflite", "int8", 8)
-    assert pipeline.export_stage(config, student) == path  # the same student in the same format: reused
+    assert stages.export_stage(config, student) == path  # the same student in the same format: reused
 
     # An evaluation report of another file is not quoted.
     report = os.path.join(os.path.dirname(student), "eval", "report.json")
     files.write_json(report, {**json.load(open(report)), "model": {"sha256": "another file"}})
-    assert pipeline.model_card(student, pipeline.file_sha256(student), ["a"])["evaluation"] is None
+    assert stages.model_card(student, stages.file_sha256(student), ["a"])["evaluation"] is None
 
 
 def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_path):
     config, student = student_run
-    path = pipeline.export_stage(config_lib.replace(config, format="tflite"), student)
+    path = stages.export_stage(config_lib.replace(config, format="tflite"), student)
     with pytest.raises(config_lib.ConfigError, match="needs --source_model"):
-        pipeline.evaluate_tflite_stage(config, path, str(tmp_path / "unused"))
+        stages.evaluate_tflite_stage(config, path, str(tmp_path / "unused"))
 
     output_dir = tmp_path / "eval"
-    report = pipeline.evaluate_tflite_stage(config_lib.replace(config, source_model=student), path, str(output_dir))
+    report = stages.evaluate_tflite_stage(config_lib.replace(config, source_model=student), path, str(output_dir))
     assert json.loads((output_dir / "report.json").read_text()) == report
     kinds = {name: result["kind"] for name, result in report["attacks"].items()}
     assert kinds == {"clean": "direct", "pgd_sat": "transfer", "apgd_ce": "transfer", "square": "direct",
@@ -211,6 +213,6 @@ def test_missing_source_model_is_one_error_line(mock_metadata_dir, tmp_path):
 def test_a_student_whose_training_recorded_no_configuration_has_no_recipe_in_its_card(student_run):
     """The export command's flags are not the training's: nothing is guessed from them."""
     config, student = student_run
-    files.write_json(pipeline.summary_path(student), {"method": "rslad", "selection": {"mode": "last", "epoch": 7}})
-    card = pipeline.model_card(student, pipeline.file_sha256(student), ["class"] * NUM_CLASSES)
+    files.write_json(stages.summary_path(student), {"method": "rslad", "selection": {"mode": "last", "epoch": 7}})
+    card = stages.model_card(student, stages.file_sha256(student), ["class"] * NUM_CLASSES)
     assert card["training"] is None and card["evaluation"]["num_examples"] == 16

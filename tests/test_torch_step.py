@@ -1,13 +1,13 @@
-"""Tests of mtard_tf/torch_step.py, the PyTorch B-MTARD step of the benchmark's side-by-side, and of the spec parsing
-of mtard_tf/torch_models.py. Tiny networks; needs the optional torch (requirements-torch.txt), skipped without it."""
+"""Tests of mtard_tf/pytorch/step.py, the PyTorch B-MTARD step of the benchmark's side-by-side, and of the spec parsing
+of mtard_tf/pytorch/modules.py. Tiny networks; needs the optional torch (requirements-torch.txt), skipped without it."""
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
-from mtard_tf import models  # noqa: E402  (after the importorskip)
-from mtard_tf.torch_models import CifarResNet, DMWideResNet, TradesWideResNet, build_torch_model  # noqa: E402
-from mtard_tf.torch_step import TorchBMTARDStep  # noqa: E402
+from mtard_tf.models import architectures  # noqa: E402  (after the importorskip)
+from mtard_tf.pytorch.modules import CifarResNet, DMWideResNet, TradesWideResNet, build_torch_model  # noqa: E402
+from mtard_tf.pytorch.step import TorchBMTARDStep  # noqa: E402
 
 SPECS = ("resnet18:width=4,blocks=1", "resnet56:depth=8,width=4", "wrn34_10:depth=10,widen=1")
 EPSILON = 8 / 255
@@ -27,8 +27,9 @@ def test_specs_build_the_named_architectures():
     deep_mind = build_torch_model("dm_wrn:depth=16,width=2,normalize=cifar100", num_classes=100)
     assert isinstance(deep_mind, DMWideResNet) and len(deep_mind.layer[2].block) == 2
     assert deep_mind.logits.out_features == 100 and isinstance(deep_mind.relu, torch.nn.SiLU)
-    assert torch.equal(deep_mind.input_std.flatten(), torch.tensor(models.DM_NORMALIZATION_PRESETS["cifar100"][1]))
-    with pytest.raises(models.ModelSpecError, match="6n\\+2"):
+    cifar100_std = architectures.DM_NORMALIZATION_PRESETS["cifar100"][1]
+    assert torch.equal(deep_mind.input_std.flatten(), torch.tensor(cifar100_std))
+    with pytest.raises(architectures.ModelSpecError, match="6n\\+2"):
         build_torch_model("resnet56:depth=15")
 
 

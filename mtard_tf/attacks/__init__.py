@@ -1,0 +1,1 @@
+"""L-infinity attacks: the white-box PGD family shared by training and evaluation, and AutoAttack."""

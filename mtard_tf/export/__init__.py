@@ -1,0 +1,1 @@
+"""Export of the student: a TF Serving SavedModel, or a TensorFlow Lite file and the interpreter that evaluates it."""

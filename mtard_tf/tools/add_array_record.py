@@ -1,0 +1,54 @@
+"""Adds ArrayRecord files beside a prepared dataset's tfrecord files, so that the train split can be read from disk by
+index (--train_source=disk): python -m mtard_tf.tools.add_array_record --dataset=NAME [--data_dir=DIR].
+
+tfds' own tool for this, `tfds convert_format`, needs apache-beam, which tensorflow-datasets does not install
+(tensorflow/datasets#5463) and whose install (2.77) downgrades protobuf from the 7.x TensorFlow runs with to 6.x; this
+one needs nothing beyond requirements.txt. It writes
+into the dataset's directory (next to the tfrecord files, which tf.data keeps reading) and records the format in
+its dataset_info.json; a second run finds the files and does nothing.
+"""
+
+import sys
+
+from absl import app, flags, logging
+
+from mtard_tf import config
+from mtard_tf.job import startup
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(flag_values=FLAGS):
+    """The configuration's --dataset and --data_dir (config.define_flags; called by run())."""
+    config.define_flags(flag_values, names=("dataset", "data_dir"))
+
+
+def main(argv):
+    if len(argv) > 1:
+        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return 1
+    verbose = FLAGS["verbosity"].present
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)
+    startup.start_tensorflow(verbose)
+    from mtard_tf.data import datasets
+    from mtard_tf.errors import UserError
+    try:
+        written = datasets.add_array_record(FLAGS.dataset, FLAGS.data_dir)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    if written:
+        print(f"dataset '{FLAGS.dataset}': wrote {written} examples as ArrayRecord beside its tfrecord files")
+    else:
+        print(f"dataset '{FLAGS.dataset}': its ArrayRecord files are there already")
+    return 0
+
+
+def run():
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
