@@ -95,8 +95,9 @@ class RuntimeConfig:
                               "there) and with several replicas (unsupported).", choices=("auto", "true", "false"))
     sync_batchnorm: bool = option(False, "Synchronise BatchNorm statistics across replicas.")
     deterministic: bool = option(False, "Bit-identical weights from two runs of the same command on the same machine "
-                                 "(tf.config.experimental.enable_op_determinism: deterministic kernels, tf.data "
-                                 "in order); an op without a deterministic kernel is an error. Slower.")
+                                 "(TensorFlow's op determinism: deterministic kernels, tf.data in order; and one "
+                                 "CPU thread per op, one op at a time); an op without a deterministic kernel is an "
+                                 "error. Slower.")
     log_every_n_steps: int = option(1, "TensorBoard scalars every N training steps.", lower=1)
     checkpoint_every_n_steps: int = option(0, "Also checkpoint every N training steps (0: at epoch ends only).",
                                            lower=0)

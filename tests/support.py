@@ -11,10 +11,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # threads there make every parallel region wait for a descheduled one (see mtard_tf/tools/benchmark.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from mtard_tf.job import startup  # noqa: E402
+
+tf = startup.start_tensorflow()  # TensorFlow's native start-up lines held back, as the commands do
+
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 # Two logical CPU devices for the multi-replica tests; must happen before TensorFlow initialises its devices.

@@ -167,7 +167,7 @@ def test_deterministic_runs_give_bit_identical_weights(mock_metadata_dir, teache
             model_dir = tmp_path / name.replace(" ", "_") / run
             result = run_main(mock_metadata_dir, *flags, *tiny, f"--model_dir={model_dir}")
             assert result.returncode == 0, result.stderr[-3000:]
-            assert "deterministic: TensorFlow's op determinism is on" in result.stdout
+            assert "deterministic: TensorFlow's op determinism is on, with one thread per op" in result.stdout
             with open(model_dir / "config.json") as f:
                 assert json.load(f)["runtime"]["deterministic"] is True
             path = model_dir / ("teachers/robust.keras" if "teacher" in name else "student.keras")
