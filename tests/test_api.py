@@ -1,0 +1,112 @@
+"""The package's public API (mtard_tf/__init__.py): every name resolves and is documented with an example, importing
+the package imports neither TensorFlow nor PyTorch, and models that output probabilities are refused where a
+trainer is built, with `strip_softmax` as the fix."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import mtard_tf
+from mtard_tf.errors import UserError
+from mtard_tf.models.loading import ProbabilityOutputError
+from support import ROOT, tiny_model
+
+TORCH_NAMES = {"convert_checkpoint", "convert_state_dict"}
+
+
+def test_every_name_of_all_resolves_and_has_a_docstring_with_an_example():
+    assert len(mtard_tf.__all__) == len(set(mtard_tf.__all__)) >= 25
+    for name in mtard_tf.__all__:
+        value = getattr(mtard_tf, name)
+        doc = value.__doc__ or ""
+        assert "Example" in doc, f"mtard_tf.{name} has no example in its docstring"
+        assert doc.strip().split("\n")[0].strip(), name
+    assert set(mtard_tf.__all__) <= set(dir(mtard_tf))
+    with pytest.raises(AttributeError):
+        mtard_tf.no_such_name  # noqa: B018
+
+
+def test_the_names_are_the_definitions_not_copies():
+    from mtard_tf.evaluation import robustness
+    from mtard_tf.export import saved_model
+    from mtard_tf.methods import b_mtard
+    assert mtard_tf.Distiller is b_mtard.Distiller
+    assert mtard_tf.export_saved_model is saved_model.export_model
+    assert mtard_tf.pgd is robustness.ATTACKS["pgd_sat"] and mtard_tf.fgsm is robustness.ATTACKS["fgsm"]
+
+
+IMPORTS = """
+import sys
+import mtard_tf
+print(sorted(m for m in ("tensorflow", "keras", "torch") if m in sys.modules))
+names = [n for n in mtard_tf.__all__ if n not in {torch_names!r}]
+for name in names:
+    getattr(mtard_tf, name)
+print("torch" in sys.modules)
+"""
+
+
+def test_importing_the_package_imports_neither_tensorflow_nor_torch():
+    result = subprocess.run([sys.executable, "-c", IMPORTS.format(torch_names=TORCH_NAMES)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, last = result.stdout.strip().splitlines()[-2:]
+    assert first == "[]"  # import mtard_tf alone
+    assert last == "False"  # every name but the importer's: still no torch
+
+
+def softmax_model(kind, input_shape=(32, 32, 3), num_classes=10):
+    """tiny_model's network with its probabilities as output, in one of the ways Keras classifiers are saved."""
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input(input_shape)
+    hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
+    if kind == "dense":
+        return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(hidden))
+    logits = keras.layers.Dense(num_classes)(hidden)
+    if kind == "softmax_layer":
+        return keras.Model(inputs, keras.layers.Softmax()(logits))
+    if kind == "activation_layer":
+        return keras.Sequential([keras.Model(inputs, logits), keras.layers.Activation("softmax")])
+    # "inside": the softmax applied by an op, found by the probe only
+    return keras.Model(inputs, keras.layers.Lambda(lambda z: keras.ops.softmax(z))(logits))
+
+
+@pytest.mark.parametrize("kind", ["dense", "softmax_layer", "activation_layer", "inside"])
+def test_a_teacher_that_outputs_probabilities_is_refused_by_the_distiller(kind):
+    teacher = softmax_model(kind)
+    with pytest.raises(ProbabilityOutputError) as error:
+        mtard_tf.Distiller(tiny_model("student"), tiny_model("clean"), teacher)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("the robust teacher outputs probabilities") and "not logits" in message
+    assert "strip_softmax" in message and isinstance(error.value, UserError)
+
+
+def test_a_student_or_single_teacher_that_outputs_probabilities_is_refused():
+    with pytest.raises(ValueError, match="the student .* outputs probabilities"):
+        mtard_tf.NaturalTrainer(softmax_model("dense"))
+    with pytest.raises(ValueError, match="the teacher outputs probabilities"):
+        mtard_tf.RSLADTrainer(tiny_model("student"), softmax_model("softmax_layer"))
+
+
+@pytest.mark.parametrize("kind", ["dense", "softmax_layer", "activation_layer"])
+def test_strip_softmax_gives_the_logits_of_the_same_network(kind):
+    model = softmax_model(kind)
+    logits_model = mtard_tf.strip_softmax(model)
+    images = np.random.default_rng(1).uniform(0, 1, (6, 32, 32, 3)).astype(np.float32)
+    logits = logits_model(images, training=False).numpy()
+    np.testing.assert_allclose(tf.nn.softmax(logits).numpy(), model(images, training=False).numpy(), atol=1e-6)
+    assert not np.allclose(logits.sum(axis=1), 1.0, atol=1e-3)
+    mtard_tf.check_logits(logits_model)
+    mtard_tf.Distiller(tiny_model("student"), tiny_model("clean"), logits_model)  # accepted now
+
+
+def test_strip_softmax_refuses_a_model_without_a_softmax_layer():
+    with pytest.raises(ValueError, match="no final softmax layer to strip"):
+        mtard_tf.strip_softmax(softmax_model("inside"))
