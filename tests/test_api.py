@@ -2,6 +2,7 @@
 the package imports neither TensorFlow nor PyTorch, and models that output probabilities are refused where a
 trainer is built, with `strip_softmax` as the fix."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import tensorflow as tf
 import mtard_tf
 from mtard_tf.errors import UserError
 from mtard_tf.models.loading import ProbabilityOutputError
-from support import ROOT, tiny_model
+from support import ROOT, run_main, tiny_model
 
 TORCH_NAMES = {"convert_checkpoint", "convert_state_dict"}
 
@@ -110,3 +111,43 @@ def test_strip_softmax_gives_the_logits_of_the_same_network(kind):
 def test_strip_softmax_refuses_a_model_without_a_softmax_layer():
     with pytest.raises(ValueError, match="no final softmax layer to strip"):
         mtard_tf.strip_softmax(softmax_model("inside"))
+
+
+@pytest.fixture(scope="module")
+def softmax_teachers(tmp_path_factory):
+    """A clean teacher file that outputs probabilities (Dense(10, activation="softmax")) and a logits robust one."""
+    root = tmp_path_factory.mktemp("softmax_teachers")
+    clean, robust = str(root / "clean_softmax.keras"), str(root / "robust.keras")
+    softmax_model("dense").save(clean)
+    tiny_model("robust").save(robust)
+    return clean, robust
+
+
+def test_the_command_refuses_a_softmax_teacher_in_one_line(mock_metadata_dir, softmax_teachers, tmp_path):
+    clean, robust = softmax_teachers
+    result = run_main(mock_metadata_dir, "--mode=distill", f"--clean_teacher={clean}", f"--robust_teacher={robust}",
+                      "--student=resnet18:width=2,blocks=1", "--epochs=1", "--steps_per_epoch=1", "--batch_size=8",
+                      f"--model_dir={tmp_path / 'run'}")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert len(errors) == 1, result.stderr[-3000:]
+    assert (f"teacher {clean} outputs probabilities (its last layer 'dense' applies a softmax), not logits"
+            in errors[0]), errors
+    assert "--strip_softmax" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_the_command_strips_the_softmax_when_asked(mock_metadata_dir, softmax_teachers, tmp_path):
+    clean, robust = softmax_teachers
+    model_dir = tmp_path / "run"
+    result = run_main(mock_metadata_dir, "--mode=distill", f"--clean_teacher={clean}", f"--robust_teacher={robust}",
+                      "--strip_softmax", "--student=resnet18:width=2,blocks=1", "--epochs=1", "--steps_per_epoch=1",
+                      "--batch_size=8", "--attack_steps=1", "--eval_attack_steps=1", "--validation_steps=1",
+                      f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "student.keras").exists()
+    assert json.loads((model_dir / "config.json").read_text())["strip_softmax"] is True
+    # The file itself is unchanged: the softmax is stripped from the loaded model only.
+    assert mtard_tf.load_model(clean, (32, 32, 3), 10, remove_softmax=True).layers[-1].activation.__name__ == "linear"
+    with pytest.raises(ProbabilityOutputError):
+        mtard_tf.load_model(clean, (32, 32, 3), 10)
