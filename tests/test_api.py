@@ -151,3 +151,66 @@ def test_the_command_strips_the_softmax_when_asked(mock_metadata_dir, softmax_te
     assert mtard_tf.load_model(clean, (32, 32, 3), 10, remove_softmax=True).layers[-1].activation.__name__ == "linear"
     with pytest.raises(ProbabilityOutputError):
         mtard_tf.load_model(clean, (32, 32, 3), 10)
+
+
+class SubclassedStudent(keras.Model):
+    """A subclassed student (no functional graph: its input size is known only when it is called)."""
+
+    def __init__(self, num_classes):
+        super().__init__(name="subclassed_student")
+        self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+        self.norm = keras.layers.BatchNormalization(synchronized=True)  # replica-independent statistics
+        self.pool = keras.layers.GlobalAveragePooling2D()
+        self.head = keras.layers.Dense(num_classes)
+
+    def call(self, images, training=False):
+        return self.head(self.pool(keras.ops.relu(self.norm(self.conv(images), training=training))))
+
+
+GRAY_SHAPE, GRAY_CLASSES = (48, 48, 1), 5
+
+
+def gray_batches(dtype):
+    """32 random 48x48 one-channel images of 5 classes in global batches of 8: uint8, or the same as float / 255."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, (32, *GRAY_SHAPE), dtype=np.uint8)
+    labels = rng.integers(0, GRAY_CLASSES, 32).astype(np.int32)
+    if dtype == "float32":
+        images = images.astype(np.float32) / 255
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(8)
+
+
+def fit_gray(strategy, dtype, log_dir=None):
+    """Two B-MTARD steps of a subclassed student with functional 48x48x1 teachers, inside `strategy`'s scope."""
+    with strategy.scope():
+        keras.utils.set_random_seed(2)
+        student = SubclassedStudent(GRAY_CLASSES)
+        student(np.zeros((1, *GRAY_SHAPE), np.float32))
+        teachers = [tiny_model(name, GRAY_CLASSES, GRAY_SHAPE) for name in ("clean", "robust")]
+        distiller = mtard_tf.Distiller(student, *teachers, attack_steps=2, eval_attack_steps=0, weight_rate=0.2,
+                                       temperature_rate=0.05, seed=3)
+        distiller.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=False)
+    callbacks = [mtard_tf.ScalarSummaries(log_dir)] if log_dir else []
+    history = distiller.fit(gray_batches(dtype).take(2), epochs=1, verbose=0, shuffle=False, callbacks=callbacks)
+    return distiller, history.history
+
+
+def test_a_subclassed_student_and_48x48_gray_teachers_train_alike_on_1_and_2_replicas(strategies, tmp_path):
+    one, logs_one = fit_gray(strategies[1], "uint8", str(tmp_path / "logs"))
+    two, logs_two = fit_gray(strategies[2], "uint8")
+    for a, b in zip(one.student.get_weights(), two.student.get_weights()):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    for name in ("loss", "weight_adv", "temperature_adv", "temperature_nat"):
+        np.testing.assert_allclose(logs_one[name], logs_two[name], rtol=1e-5)
+    assert logs_one["weight_adv"][-1] != 0.5  # the balancing moved
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "logs"), size_guidance={"tensors": 0}).Reload()
+    assert {"loss", "kl_adv", "kl_nat", "weight_adv", "weight_nat", "temperature_adv", "temperature_nat",
+            "entropy_adv", "entropy_nat", "learning_rate"} <= set(events.Tags()["tensors"])
+
+
+def test_uint8_batches_train_as_their_float_images(strategies):
+    from_uint8, _ = fit_gray(strategies[1], "uint8")
+    from_float, _ = fit_gray(strategies[1], "float32")
+    for a, b in zip(from_uint8.student.get_weights(), from_float.student.get_weights()):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -133,7 +133,7 @@ class Trainer(keras.Model):
         return accuracies + [self.validation_batches]
 
     def call(self, images, training=False):
-        return self.model(images, training=training)
+        return self.model(float_images(images), training=training)
 
     def cross_entropy_objective(self, labels):
         """Cross-entropy of the model in inference mode: the objective of SAT-style PGD."""
