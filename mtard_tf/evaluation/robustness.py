@@ -386,16 +386,16 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
       model_file: {"path", "sha256"} of the evaluated model's file, kept in the report (a model card quotes the
         report only for the file it evaluated).
     Returns:
-      The report dict (the content of report.json): per attack its accuracy, num_correct, num_examples, ci95 (the
-      95% Wilson interval), w_robust, seconds; the sanity check. The per-image robust flags are in
-      `output_dir/per_image.npz` (read_per_image).
+      The report dict: the content of report.json (per attack its accuracy, num_correct, num_examples, ci95 (the
+      95% Wilson interval), w_robust, seconds; the sanity check) and the per-image results that per_image.npz holds:
+      "robust_flags" ({attack name: bool[N]}, True where image i is robust under the attack) and "labels" (int[N]).
 
     Example:
 
     >>> report = mtard_tf.evaluate(model, test_dataset, attacks=["pgd_sat"], num_examples=200, output_dir="eval")
     >>> pgd = report["attacks"]["pgd_sat"]
     >>> print(f"PGD-20: {pgd['accuracy']:.3f}, 95% CI {pgd['ci95']}")
-    >>> flags, labels = mtard_tf.read_per_image("eval")
+    >>> broken = np.flatnonzero(report["robust_flags"]["clean"] & ~report["robust_flags"]["pgd_sat"])
     """
     names = parse_attacks(attacks)
     attack_options = dict(attack_options or {})
@@ -473,7 +473,7 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
                 tf.summary.scalar(f"eval/{name}_seconds", r["seconds"], step=step)
             tf.summary.scalar("eval/sanity_violations", sanity["violations"], step=step)
         summary_writer.flush()
-    return report
+    return {**report, "robust_flags": correct, "labels": labels}
 
 
 def write_report(output_dir, report, correct, labels, markdown):
