@@ -68,7 +68,7 @@ def softmax_model(kind, input_shape=(32, 32, 3), num_classes=10):
     inputs = keras.Input(input_shape)
     hidden = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, padding="same")(inputs))
     if kind == "dense":
-        return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(hidden))
+        return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden))
     logits = keras.layers.Dense(num_classes)(hidden)
     if kind == "softmax_layer":
         return keras.Model(inputs, keras.layers.Softmax()(logits))
@@ -131,7 +131,7 @@ def test_the_command_refuses_a_softmax_teacher_in_one_line(mock_metadata_dir, so
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 1, result.stderr[-3000:]
     assert len(errors) == 1, result.stderr[-3000:]
-    assert (f"teacher {clean} outputs probabilities (its last layer 'dense' applies a softmax), not logits"
+    assert (f"teacher {clean} outputs probabilities (its last layer 'probabilities' applies a softmax), not logits"
             in errors[0]), errors
     assert "--strip_softmax" in errors[0]
     assert "Traceback" not in result.stderr
