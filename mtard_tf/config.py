@@ -274,6 +274,9 @@ class Config:
                          "(two teachers); ard, rslad, adaad (robust teacher); sat (PGD-AT), trades, natural (no "
                          "teacher).", choices=METHOD_NAMES)
     student: str = option("resnet18", "Student architecture: NAME or NAME:key=value,... (see models/architectures.py).")
+    strip_softmax: bool = option(False, "Remove a final softmax from the model files loaded (teachers, --model, "
+                                 "--source_model): they must output logits, and a model saved with a final softmax "
+                                 "outputs probabilities, which is refused otherwise.")
     data: DataConfig = option(None, "", factory=DataConfig)
     runtime: RuntimeConfig = option(None, "", factory=RuntimeConfig)
     attack: AttackConfig = option(None, "", factory=AttackConfig)

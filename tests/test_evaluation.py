@@ -49,7 +49,11 @@ def test_evaluate_writes_the_reports(model, tmp_path):
 
     with open(output_dir / "report.json") as f:
         saved = json.load(f)
-    assert saved == json.loads(json.dumps(report))
+    flags, labels = robustness.read_per_image(str(output_dir))
+    assert list(report["robust_flags"]) == list(flags) and list(report["labels"]) == list(labels)
+    for name, robust in flags.items():
+        np.testing.assert_array_equal(report["robust_flags"][name], robust)
+    assert saved == json.loads(json.dumps({k: v for k, v in report.items() if k not in ("robust_flags", "labels")}))
     assert list(saved["attacks"]) == ["clean", "fgsm", "pgd_sat", "pgd_trades", "cw", "autoattack"]
     clean = saved["attacks"]["clean"]["accuracy"]
     for name, r in saved["attacks"].items():

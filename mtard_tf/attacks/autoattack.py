@@ -615,6 +615,19 @@ def autoattack_standard(model, x, y, *, epsilon, seed=0, progress=None, attacks=
     every attack's image are classified correctly. `progress`, if given, is called as
     progress(attack_name, num_robust, num_images) after each attack. The iteration counts default to the standard
     version's (100, 9 targets, 100, 5000 queries); smaller ones are for tests only.
+
+    Args:
+      model: a Keras model (or callable) mapping images in [0, 1] to logits, run in inference mode.
+      x: images float32 [B, H, W, C] in [0, 1]. y: integer labels [B].
+      epsilon: the L-inf radius. seed: seed of the attacks' randomness.
+
+    Returns:
+      (x_adv, robust_mask) as above.
+
+    Example:
+
+    >>> x_adv, robust = mtard_tf.autoattack(model, images, labels, epsilon=8 / 255)
+    >>> robust_accuracy = float(np.mean(robust))
     """
     x, y = _prepare(x, y)
     epsilon = float(epsilon)

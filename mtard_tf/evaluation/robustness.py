@@ -89,7 +89,29 @@ def _build_white_box(model, image_shape, *, epsilon, steps, step_size, random_st
     return run
 
 
-def _white_box_attack(name):
+_ATTACK_DOC = """{display}: {steps} step(s) of {step}, {start}, {loss} loss, in the L-inf ball of radius `epsilon`.
+
+    Args:
+      model: a Keras model (or callable `model(x, training=False)`) mapping images in [0, 1] to logits; run in
+        inference mode.
+      x: a batch of images, float32 [B, H, W, C] in [0, 1].
+      y: their integer labels [B].
+      epsilon: the L-inf radius, in [0, 1] pixel units.
+      seed: seed of the stateless random start (the same seed gives the same images).
+      jit_compile: XLA for the attack loop (one device only).
+
+    Returns:
+      The adversarial images, float32 [B, H, W, C] in [0, 1] with |x_adv - x| <= epsilon (no gradient flows
+      through them). The attack's tf.function is built once per (model, image shape, epsilon).
+
+    Example:
+
+    >>> x_adv = mtard_tf.{public}(model, images, labels, epsilon=8 / 255)
+    >>> accuracy = np.mean(np.argmax(model(x_adv), axis=1) == labels)
+    """
+
+
+def _white_box_attack(name, public):
     config = WHITE_BOX[name]
 
     def attack(model, x, y, *, epsilon=AttackConfig.epsilon, seed=0, jit_compile=False, **unused):
@@ -101,11 +123,12 @@ def _white_box_attack(name):
             m, image_shape, epsilon=epsilon, jit_compile=jit_compile, **config))
         return run(x, y, tf.constant([int(seed), 0], tf.int64))
 
-    attack.__name__ = name
-    attack.__doc__ = (f"{DISPLAY_NAMES[name]}: {config['steps']} step(s) of "
-                      f"{'eps' if config['step_size'] is None else round(config['step_size'], 6)}, "
-                      f"{'uniform random start' if config['random_start'] else 'no random start'}, "
-                      f"{'CE' if config['loss'] == 'ce' else 'margin (kappa 50)'} loss. Returns x_adv.")
+    attack.__name__ = attack.__qualname__ = public
+    attack.__doc__ = _ATTACK_DOC.format(
+        display=DISPLAY_NAMES[name], steps=config["steps"], public=public,
+        step="eps" if config["step_size"] is None else round(config["step_size"], 6),
+        start="uniform random start" if config["random_start"] else "no random start",
+        loss="cross-entropy" if config["loss"] == "ce" else f"margin (CW, kappa {CW_KAPPA:g})")
     return attack
 
 
@@ -122,13 +145,19 @@ def _autoattack(model, x, y, *, epsilon=AttackConfig.epsilon, seed=0, jit_compil
     return x_adv
 
 
+# The white-box attacks of the evaluation as functions of a model and a batch (the package's API: mtard_tf.pgd, ...).
+fgsm = _white_box_attack("fgsm", "fgsm")
+pgd = _white_box_attack("pgd_sat", "pgd")
+pgd_trades = _white_box_attack("pgd_trades", "pgd_trades")
+cw = _white_box_attack("cw", "cw")
+
 # name -> fn(model, x, y, *, epsilon, seed, jit_compile, **options) -> adversarial images of the batch.
 ATTACKS = {
     "clean": _clean,
-    "fgsm": _white_box_attack("fgsm"),
-    "pgd_sat": _white_box_attack("pgd_sat"),
-    "pgd_trades": _white_box_attack("pgd_trades"),
-    "cw": _white_box_attack("cw"),
+    "fgsm": fgsm,
+    "pgd_sat": pgd,
+    "pgd_trades": pgd_trades,
+    "cw": cw,
     "autoattack": _autoattack,
 }
 
@@ -249,6 +278,17 @@ def read_per_image(output_dir):
     """({attack name: bool[N] robust flags}, labels int[N]) of the evaluation written into `output_dir`.
 
     Raises FileNotFoundError (with what to do) when the evaluation predates per-image flags.
+
+    Args:
+      output_dir: the `output_dir` of an evaluation.
+
+    Returns:
+      ({attack name: bool[N]}, labels int[N]); flags[name][i] is True when image i is robust under the attack.
+
+    Example:
+
+    >>> flags, labels = mtard_tf.read_per_image("eval")
+    >>> comparison = mtard_tf.mcnemar_exact(flags["pgd_sat"], other_flags["pgd_sat"])
     """
     path = os.path.join(output_dir, PER_IMAGE_FILE)
     if not os.path.exists(path):
@@ -345,7 +385,17 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
         report and stated in report.md.
       model_file: {"path", "sha256"} of the evaluated model's file, kept in the report (a model card quotes the
         report only for the file it evaluated).
-    Returns the report dict (the content of report.json).
+    Returns:
+      The report dict: the content of report.json (per attack its accuracy, num_correct, num_examples, ci95 (the
+      95% Wilson interval), w_robust, seconds; the sanity check) and the per-image results that per_image.npz holds:
+      "robust_flags" ({attack name: bool[N]}, True where image i is robust under the attack) and "labels" (int[N]).
+
+    Example:
+
+    >>> report = mtard_tf.evaluate(model, test_dataset, attacks=["pgd_sat"], num_examples=200, output_dir="eval")
+    >>> pgd = report["attacks"]["pgd_sat"]
+    >>> print(f"PGD-20: {pgd['accuracy']:.3f}, 95% CI {pgd['ci95']}")
+    >>> broken = np.flatnonzero(report["robust_flags"]["clean"] & ~report["robust_flags"]["pgd_sat"])
     """
     names = parse_attacks(attacks)
     attack_options = dict(attack_options or {})
@@ -423,7 +473,7 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
                 tf.summary.scalar(f"eval/{name}_seconds", r["seconds"], step=step)
             tf.summary.scalar("eval/sanity_violations", sanity["violations"], step=step)
         summary_writer.flush()
-    return report
+    return {**report, "robust_flags": correct, "labels": labels}
 
 
 def write_report(output_dir, report, correct, labels, markdown):

@@ -11,7 +11,20 @@ import numpy as np
 
 
 def wilson_interval(num_correct, n, confidence=0.95):
-    """The Wilson score interval of the proportion num_correct / n, as (low, high) floats in [0, 1]."""
+    """The Wilson score interval of the proportion num_correct / n, as (low, high) floats in [0, 1].
+
+    Args:
+      num_correct: correctly classified images. n: images evaluated. confidence: the interval's level.
+
+    Returns:
+      (low, high).
+
+    Example:
+
+    >>> low, high = mtard_tf.wilson_interval(50, 100)
+    >>> round(low, 3), round(high, 3)
+    (0.404, 0.596)
+    """
     num_correct, n = int(num_correct), int(n)
     if n <= 0 or not 0 <= num_correct <= n:
         raise ValueError(f"a proportion needs 0 <= num_correct <= n and n > 0, got {num_correct}/{n}")
@@ -26,6 +39,11 @@ def mcnemar_exact(flags_a, flags_b):
     `a_only` counts the images only a gets right, `b_only` those only b gets right; under the null hypothesis (equal
     accuracy) each discordant image is a fair coin, so p = binomtest(a_only, a_only + b_only, 0.5), and 1 when the
     models never disagree. Returns {"difference": accuracy(a) - accuracy(b), "a_only", "b_only", "n", "p_value"}.
+
+    Example:
+
+    >>> mtard_tf.mcnemar_exact([1, 1, 1, 0], [0, 0, 1, 0])["p_value"]
+    0.5
     """
     a = np.asarray(flags_a, dtype=bool).reshape(-1)
     b = np.asarray(flags_b, dtype=bool).reshape(-1)

@@ -236,6 +236,12 @@ def export_model(model: keras.Model, export_dir: str, model_name: str, class_nam
 
     Raises:
       ExportError: bad model name, model shape, class names or version, or the version already exists.
+
+    Example:
+
+    >>> path = mtard_tf.export_saved_model(distiller.student, "saved_models", "my_student", ["cat", "dog"])
+    >>> served = tf.saved_model.load(path).signatures["serving_default"]
+    >>> served(images=tf.zeros([1, 32, 32, 3]))["class_name"]
     """
     height, width = image_size(model)
     class_names = [str(c) for c in class_names]

@@ -130,6 +130,16 @@ def export_tflite(model, export_dir, model_name, quantize="none", *, representat
     version: a positive integer not used by a SavedModel or another .tflite file; None takes the next free one.
     model_card: what to state about the model; embedded as the metadata entry "model_card" (JSON) with this
     export's format, name, version, quantisation, input and output. Returns the file's absolute path.
+
+    Args:
+      model: a Keras model mapping float32 images in [0, 1] to logits.
+      export_dir, model_name: where the file goes (the SavedModel layout's directories).
+      quantize: "none", "float16" or "int8" (convert); representative_images: int8's calibration images.
+
+    Example:
+
+    >>> path = mtard_tf.export_tflite(student, "saved_models", "my_student", quantize="float16")
+    >>> logits = mtard_tf.TFLiteModel(path)(images)
     """
     height, width = saved_model.image_size(model)
     content = convert(model, quantize, representative_images)
@@ -156,6 +166,15 @@ class TFLiteModel:
     Called with a tensor (eager, or symbolic inside a tf.function: Square's search loop), it runs the interpreter
     through tf.numpy_function, which has no gradient: only query-based attacks can run against it directly. The
     interpreter's batch dimension follows each call's batch.
+
+    Args:
+      path: the .tflite file (float32 image input, float32 logits output).
+      num_threads: the interpreter's threads.
+
+    Example:
+
+    >>> deployed = mtard_tf.TFLiteModel("saved_models/my_student/3.tflite")
+    >>> predictions = np.argmax(deployed.logits(images), axis=1)
     """
 
     def __init__(self, path, num_threads=NUM_THREADS):

@@ -148,7 +148,8 @@ def train_student(config, strategy):
         if not config.teacher(kind).file:
             raise loading.TeacherError(f"method '{method}' needs a {kind} teacher file (--{kind}_teacher)")
     with strategy.scope():
-        frozen = {kind: loading.load_teacher(config.teacher(kind).file, info.image_shape, info.num_classes)
+        frozen = {kind: loading.load_teacher(config.teacher(kind).file, info.image_shape, info.num_classes,
+                                             config.strip_softmax)
                   for kind in registry.get_method(method).teachers}
         student = architectures.build_model(config.student, info.num_classes, info.image_shape,
                                             sync_batchnorm=config.runtime.sync_batchnorm)

@@ -38,7 +38,7 @@ def teacher_stage(config, kind, strategy):
     path = given or runs.teacher_path(config.runtime.model_dir, kind)
     info = datasets.load_info(config.data.dataset, config.data.data_dir)
     if given or os.path.exists(path):
-        loading.load_teacher(path, info.image_shape, info.num_classes)  # raises with a clear message if invalid
+        loading.load_teacher(path, info.image_shape, info.num_classes, config.strip_softmax)  # raises with a clear message if invalid
         print(f"{kind} teacher: using {path}")
         return path
     print(f"{kind} teacher: training {path}")
@@ -116,7 +116,7 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
     else:
         info = datasets.load_info(config.data.dataset, config.data.data_dir)
         model = architectures.with_dtype_policy(loading.load_model(model_path, info.image_shape, info.num_classes,
-                                                                   what="model"))  # attacks in float32
+                                                                   "model", config.strip_softmax))  # attacks in float32
         dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
                                         settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
@@ -141,7 +141,8 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
                                      "student it was converted from (the transfer attacks are crafted on it)")
     info = datasets.load_info(config.data.dataset, config.data.data_dir)
     source = architectures.with_dtype_policy(loading.load_model(settings.source_model, info.image_shape,
-                                                                info.num_classes, what="source model"))
+                                                                info.num_classes, "source model",
+                                                                config.strip_softmax))
     deployed = tflite.TFLiteModel(tflite_path)
     if (deployed.image_shape, deployed.num_classes) != (tuple(info.image_shape), info.num_classes):
         raise tflite.TFLiteError(f"{tflite_path} maps images {deployed.image_shape} to {deployed.num_classes} "
@@ -244,7 +245,7 @@ def export_stage(config, student_path, reuse=True):
             return previous["path"]
     info = datasets.load_info(config.data.dataset, config.data.data_dir)
     model = architectures.with_dtype_policy(loading.load_model(student_path, info.image_shape, info.num_classes,
-                                                               what="model"), settings.precision)
+                                                               "model", config.strip_softmax), settings.precision)
     card = model_card(student_path, digest, info.class_names)
     if settings.format == "tflite":
         representative = (datasets.first_train_images(config.data.dataset, config.data.data_dir,

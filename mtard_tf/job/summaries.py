@@ -8,7 +8,17 @@ class ScalarSummaries(keras.callbacks.Callback):
     """Writes every value of the train_step's logs every `every_n_steps` steps (step = optimizer.iterations), and
     the validation logs at each epoch end (step = epoch number), under the logs' own names.
 
-    Keras' TensorBoard callback prefixes tags with batch_/epoch_; these are the names users look for.
+    Keras' TensorBoard callback prefixes tags with batch_/epoch_; these are the names users look for. The command
+    writes its curves with this callback, so a Distiller fit from Python gives the same tags: loss, kl_adv, kl_nat,
+    weight_adv, weight_nat, temperature_adv, temperature_nat, entropy_adv, entropy_nat, learning_rate.
+
+    Args:
+      log_dir: the TensorBoard log directory.
+      every_n_steps: write the step logs every N optimizer steps.
+
+    Example:
+
+    >>> distiller.fit(dataset, epochs=1, callbacks=[mtard_tf.ScalarSummaries("logs/distill")])
     """
 
     def __init__(self, log_dir, every_n_steps=1):

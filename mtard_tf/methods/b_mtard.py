@@ -18,6 +18,7 @@ from mtard_tf.attacks import white_box
 from mtard_tf.config import BalanceConfig
 from mtard_tf.methods import balancing, losses
 from mtard_tf.methods.trainer import global_mean, Trainer
+from mtard_tf.models import loading
 
 BALANCES = ("b_mtard", "mtard")
 
@@ -28,7 +29,35 @@ def _value_at(rate, step):
 
 
 class Distiller(Trainer):
-    """Distils `student` from a clean teacher (on x) and a robust teacher (on the student's adversarial x')."""
+    """Distils `student` from a clean teacher (on x) and a robust teacher (on the student's adversarial x').
+
+    A keras.Model: `compile` it with an optimizer (SGD with momentum 0.9, as the paper) and `fit` it on (images,
+    labels) batches; `distiller.student` is the trained network. The names follow keras.distillation.Distiller where
+    the meaning is the same (student, compile, fit, .student); the teachers are two, `clean_teacher` and
+    `robust_teacher`, frozen here. Every model maps images in [0, 1] to logits (a model ending in a softmax is
+    refused: `strip_softmax`). One step is the paper's algorithm (this module's docstring); `fit` logs loss, kl_adv,
+    kl_nat, weight_adv, weight_nat, temperature_adv, temperature_nat, entropy_adv, entropy_nat and learning_rate
+    (`ScalarSummaries` writes them to TensorBoard), and validation data gives clean_accuracy and pgd_accuracy.
+
+    Args:
+      student: the keras.Model being trained (functional, Sequential or subclassed), images in [0, 1] -> logits.
+      clean_teacher: the naturally trained teacher, applied to the clean images.
+      robust_teacher: the adversarially trained teacher, applied to the student's adversarial images.
+      balance: "b_mtard" (both balancing rules) or "mtard" (ECCV 2022: temperatures stay 1).
+      kl_scale: multiplies both KL terms (10 in the CIFAR-100 reference code).
+      weight_rate: eta_w of Normalization Loss Balance, a float or a schedule of the optimizer step.
+      temperature_rate: eta_tau of Entropy-Based Balance, a float or a schedule of the optimizer step.
+      temperature_min, temperature_max: the clip of the teacher temperatures.
+      beta: power of the relative loss progress in the weight rule.
+      **kwargs: the Trainer's: epsilon, attack_steps, attack_step_size, weight_decay, eval_attack_steps, seed.
+
+    Example:
+
+    >>> distiller = mtard_tf.Distiller(student, clean_teacher, robust_teacher, attack_steps=10)
+    >>> distiller.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> history = distiller.fit(train_dataset, epochs=2, validation_data=test_dataset)
+    >>> distiller.student.save("student.keras")
+    """
 
     def __init__(self, student, clean_teacher, robust_teacher, *, balance="b_mtard", kl_scale=BalanceConfig.kl_scale,
                  weight_rate=BalanceConfig.weight_rate, temperature_rate=BalanceConfig.temperature_rate,
@@ -37,8 +66,8 @@ class Distiller(Trainer):
         super().__init__(student, **kwargs)
         if balance not in BALANCES:
             raise ValueError(f"unknown balance '{balance}', expected one of {', '.join(BALANCES)}")
-        self.clean_teacher = clean_teacher
-        self.robust_teacher = robust_teacher
+        self.clean_teacher = loading.check_logits(clean_teacher, "the clean teacher")
+        self.robust_teacher = loading.check_logits(robust_teacher, "the robust teacher")
         for teacher in (clean_teacher, robust_teacher):
             teacher.trainable = False
         self.balance = balance
@@ -58,6 +87,7 @@ class Distiller(Trainer):
 
     @property
     def student(self):
+        """The network being trained (keras.distillation.Distiller's name for it)."""
         return self.model
 
     def update_loss_weights(self, kl_adv, kl_nat, step):
@@ -112,8 +142,7 @@ class Distiller(Trainer):
         return kl_adv, kl_nat, weight_adv, weight_nat
 
     def train_step(self, data):
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         step = tf.cast(self.optimizer.iterations, tf.int64)
         learning_rate = self.current_learning_rate()
         temperature_adv = tf.identity(self.temperature_adv)

@@ -40,13 +40,25 @@ from mtard_tf.attacks import white_box
 from mtard_tf.config import BalanceConfig, BaselineConfig
 from mtard_tf.methods import losses
 from mtard_tf.methods.trainer import symmetric_uniform, Trainer
+from mtard_tf.models import loading
 
 
 class NaturalTrainer(Trainer):
-    """Natural training (the clean teacher, and the `natural` baseline): minimise CE(f(x), y)."""
+    """Natural training (the clean teacher, and the `natural` baseline): minimise CE(f(x), y).
+
+    Args:
+      model: the keras.Model being trained (images in [0, 1] -> logits).
+      **kwargs: the Trainer's (weight_decay, eval_attack_steps, seed, ...).
+
+    Example:
+
+    >>> trainer = mtard_tf.NaturalTrainer(model)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> trainer.fit(train_dataset, epochs=1)
+    """
 
     def train_step(self, data):
-        images, labels = data
+        images, labels = self.unpack(data)
         learning_rate = self.current_learning_rate()
         with tf.GradientTape() as tape:
             per_example = losses.natural_loss(labels, self.model(images, training=True))
@@ -59,6 +71,18 @@ class AdversarialTrainer(Trainer):
 
     pgd_at (SAT, Madry et al.): CE(f(x'), y), x' = PGD on CE from a uniform random start.
     trades (Zhang et al.):      CE(f(x), y) + beta * KL(f(x) || f(x')), x' maximises that KL from x + 0.001 N(0, I).
+
+    Args:
+      model: the keras.Model being trained (images in [0, 1] -> logits).
+      method: "trades" or "pgd_at".
+      trades_beta: TRADES' beta.
+      **kwargs: the Trainer's (epsilon, attack_steps, attack_step_size, weight_decay, eval_attack_steps, seed).
+
+    Example:
+
+    >>> trainer = mtard_tf.AdversarialTrainer(model, method="trades")
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> trainer.fit(train_dataset, epochs=1)
     """
 
     METHODS = ("trades", "pgd_at")
@@ -71,8 +95,7 @@ class AdversarialTrainer(Trainer):
         self.trades_beta = float(trades_beta)
 
     def train_step(self, data):
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         learning_rate = self.current_learning_rate()
         if self.method == "pgd_at":
             start = white_box.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
@@ -100,16 +123,30 @@ class _SingleTeacherTrainer(Trainer):
 
     def __init__(self, student, teacher, **kwargs):
         super().__init__(student, **kwargs)
-        self.teacher = teacher
+        self.teacher = loading.check_logits(teacher, "the teacher")
         teacher.trainable = False
 
     @property
     def student(self):
+        """The network being trained (keras.distillation.Distiller's name for it)."""
         return self.model
 
 
 class ARDTrainer(_SingleTeacherTrainer):
-    """Adversarially Robust Distillation: the teacher's clean soft labels at temperature tau, on the student's PGD."""
+    """Adversarially Robust Distillation: the teacher's clean soft labels at temperature tau, on the student's PGD.
+
+    Args:
+      student: the keras.Model being trained; `trainer.student` after training.
+      teacher: the frozen robust teacher (logits).
+      temperature: tau. alpha: weight of the tau^2 KL term (1 - alpha weighs CE on clean images).
+      **kwargs: the Trainer's.
+
+    Example:
+
+    >>> trainer = mtard_tf.ARDTrainer(student, robust_teacher)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> trainer.fit(train_dataset, epochs=1)
+    """
 
     def __init__(self, student, teacher, *, temperature=BaselineConfig.ard_temperature, alpha=BaselineConfig.ard_alpha,
                  **kwargs):
@@ -118,8 +155,7 @@ class ARDTrainer(_SingleTeacherTrainer):
         self.alpha = float(alpha)
 
     def train_step(self, data):
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         learning_rate = self.current_learning_rate()
         start = white_box.uniform_start(images, self.attack_noise(images, symmetric_uniform), self.epsilon)
         images_adv = self.attack(self.cross_entropy_objective(labels), images, start)
@@ -135,7 +171,20 @@ class ARDTrainer(_SingleTeacherTrainer):
 
 
 class RSLADTrainer(_SingleTeacherTrainer):
-    """Robust Soft Label Adversarial Distillation: the teacher's clean soft labels on both x' and x."""
+    """Robust Soft Label Adversarial Distillation: the teacher's clean soft labels on both x' and x.
+
+    Args:
+      student: the keras.Model being trained; `trainer.student` after training.
+      teacher: the frozen robust teacher (logits).
+      adv_weight: w, the weight of the KL on adversarial images (1 - w on clean). kl_scale: multiplies both KLs.
+      **kwargs: the Trainer's.
+
+    Example:
+
+    >>> trainer = mtard_tf.RSLADTrainer(student, robust_teacher)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> trainer.fit(train_dataset, epochs=1)
+    """
 
     def __init__(self, student, teacher, *, adv_weight=BaselineConfig.rslad_adv_weight, kl_scale=BalanceConfig.kl_scale,
                  **kwargs):
@@ -144,8 +193,7 @@ class RSLADTrainer(_SingleTeacherTrainer):
         self.kl_scale = float(kl_scale)
 
     def train_step(self, data):
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         learning_rate = self.current_learning_rate()
         teacher_logits = self.teacher(images, training=False)
         images_adv = self.attack(
@@ -163,15 +211,27 @@ class RSLADTrainer(_SingleTeacherTrainer):
 
 
 class AdaADTrainer(_SingleTeacherTrainer):
-    """Adaptive Adversarial Distillation: x' is where teacher and student disagree most; match the teacher there."""
+    """Adaptive Adversarial Distillation: x' is where teacher and student disagree most; match the teacher there.
+
+    Args:
+      student: the keras.Model being trained; `trainer.student` after training.
+      teacher: the frozen robust teacher (logits).
+      alpha: weight of the KL on adversarial images (1 - alpha on clean).
+      **kwargs: the Trainer's.
+
+    Example:
+
+    >>> trainer = mtard_tf.AdaADTrainer(student, robust_teacher)
+    >>> trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    >>> trainer.fit(train_dataset, epochs=1)
+    """
 
     def __init__(self, student, teacher, *, alpha=BaselineConfig.adaad_alpha, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.alpha = float(alpha)
 
     def train_step(self, data):
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         learning_rate = self.current_learning_rate()
         images_adv = self.attack(
             lambda x: losses.kl_divergence(self.teacher(x, training=False), self.student(x, training=False)),

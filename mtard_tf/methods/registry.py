@@ -33,6 +33,12 @@ class Method:
     loaded frozen teachers this method names in `teachers`, `config` is a config.Config, `schedule(value)` makes
     the run's milestone schedule of a rate, and `common` holds the Trainer arguments shared by all methods (attack,
     weight decay, validation, seed).
+
+    Example:
+
+    >>> method = mtard_tf.get_method("rslad")
+    >>> method.display_name, method.teachers
+    ('RSLAD', ('robust',))
     """
     display_name: str
     teachers: tuple
@@ -101,7 +107,22 @@ def trainer_arguments(config, eval_attack_steps=None):
 
 
 def get_method(name):
-    """The registered Method called `name`; ValueError naming the choices otherwise."""
+    """The registered Method called `name`.
+
+    Args:
+      name: one of natural, sat, trades, ard, rslad, adaad, mtard, b_mtard (the paper's tables, in order).
+
+    Returns:
+      The Method: its display name, the teachers it needs ("clean", "robust") and the builder of its trainer.
+
+    Raises:
+      ConfigError (a ValueError's counterpart for users) naming the choices, for an unknown name.
+
+    Example:
+
+    >>> mtard_tf.get_method("b_mtard").teachers
+    ('clean', 'robust')
+    """
     if name not in METHODS:
         raise config_lib.ConfigError(f"unknown method '{name}', expected one of {', '.join(METHOD_NAMES)}")
     return METHODS[name]

@@ -13,6 +13,7 @@ import tensorflow as tf
 from mtard_tf.attacks import white_box
 from mtard_tf.config import AttackConfig, ScheduleConfig
 from mtard_tf.methods import keras_repairs, losses
+from mtard_tf.models import loading
 
 # The step of the end-of-epoch validation's PGD: PGD-SAT's 2/255 (evaluation/robustness.py), whatever the training
 # attack's step.
@@ -39,6 +40,14 @@ def replica_noise(sample, x, seed):
     return sample(shape, seed)[replica_id * batch:(replica_id + 1) * batch]
 
 
+def float_images(images):
+    """Images as float32 in [0, 1]: integer pixels (uint8) are divided by 255, float images are cast as they are."""
+    images = tf.convert_to_tensor(images)
+    if images.dtype.is_integer:
+        return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32)
+
+
 def standard_normal(shape, seed):
     return tf.random.stateless_normal(shape, seed)
 
@@ -48,7 +57,33 @@ def symmetric_uniform(shape, seed):
 
 
 class Trainer(keras.Model):
-    """Trains `model` (the network being learned); subclasses define train_step."""
+    """Trains `model` (the network being learned); subclasses define train_step.
+
+    The base of every method: a keras.Model whose `fit` trains `model` on (images, labels) batches (images float in
+    [0, 1], or uint8, divided by 255) under the PGD attack set here, replica-correct under a
+    tf.distribute.MirroredStrategy (construct and compile it inside the strategy's scope). `evaluate` / validation
+    data give clean_accuracy and, with eval_attack_steps > 0, pgd_accuracy (PGD, uniform start, step 2/255).
+
+    Args:
+      model: the keras.Model being trained, images in [0, 1] -> logits (a final softmax is refused).
+      epsilon: L-inf radius of the training attack, in [0, 1] pixel units.
+      attack_steps, attack_step_size: the training PGD's steps and step size.
+      weight_decay: coupled L2 weight decay, as PyTorch's SGD(weight_decay=...).
+      eval_attack_steps: PGD steps of the validation attack (0: clean accuracy only).
+      eval_step_size: its step size.
+      seed: seed of the attacks' random starts (a function of seed and optimizer step).
+
+    Example:
+
+    >>> class MyTrainer(mtard_tf.Trainer):
+    ...     def train_step(self, data):
+    ...         images, labels = self.unpack(data)
+    ...         with tf.GradientTape() as tape:
+    ...             per_example = keras.losses.sparse_categorical_crossentropy(
+    ...                 labels, self.model(images, training=True), from_logits=True)
+    ...         self.minimize(tape, per_example)
+    ...         return self.step_logs(self.current_learning_rate(), loss=per_example)
+    """
 
     def __new__(cls, *args, **kwargs):
         """Constructed under a MultiWorkerMirroredStrategy, the trainer is an instance of `cls` with
@@ -61,7 +96,7 @@ class Trainer(keras.Model):
                  attack_step_size=AttackConfig.step_size, weight_decay=ScheduleConfig.weight_decay,
                  eval_attack_steps=AttackConfig.eval_steps, eval_step_size=EVAL_STEP_SIZE, seed=0, **kwargs):
         super().__init__(**kwargs)
-        self.model = model
+        self.model = loading.check_logits(model, "the student (the model being trained)")
         self.epsilon = float(epsilon)
         self.attack_steps = int(attack_steps)
         self.attack_step_size = float(attack_step_size)
@@ -76,6 +111,12 @@ class Trainer(keras.Model):
         # starts, so the validation attack's random start is a function of (seed, optimizer step, batch) and nothing
         # a validation advances needs to be checkpointed (a run killed at any point resumes exactly).
         self.validation_batches = keras.metrics.Sum(name="validation_batches")
+
+    @staticmethod
+    def unpack(data):
+        """(images float32 in [0, 1], labels) of an (images, labels) batch; uint8 images are divided by 255."""
+        images, labels = data
+        return float_images(images), labels
 
     def add_state(self, name, value):
         """A float32 scalar the step updates identically on every replica (checkpointed with the model)."""
@@ -92,7 +133,7 @@ class Trainer(keras.Model):
         return accuracies + [self.validation_batches]
 
     def call(self, images, training=False):
-        return self.model(images, training=training)
+        return self.model(float_images(images), training=training)
 
     def cross_entropy_objective(self, labels):
         """Cross-entropy of the model in inference mode: the objective of SAT-style PGD."""
@@ -137,8 +178,7 @@ class Trainer(keras.Model):
 
     def test_step(self, data):
         """Clean accuracy, and PGD-SAT accuracy (uniform start, step 2/255, CE) when eval_attack_steps > 0."""
-        images, labels = data
-        images = tf.cast(images, tf.float32)
+        images, labels = self.unpack(data)
         self.clean_accuracy.update_state(labels, self.model(images, training=False))
         if self.eval_attack_steps:
             seed = tf.random.experimental.stateless_fold_in(

@@ -413,7 +413,16 @@ _REGISTRY = {
 
 
 def available_models():
-    """The registered model names, sorted."""
+    """The registered model names, sorted.
+
+    Returns:
+      A list of names, each usable as a `build_model` spec (with key=value options: "resnet18:width=16").
+
+    Example:
+
+    >>> "resnet18" in mtard_tf.available_models()
+    True
+    """
     return sorted(_REGISTRY)
 
 
@@ -485,7 +494,23 @@ def model_arguments(spec):
 
 
 def build_model(spec, num_classes, input_shape=(32, 32, 3), sync_batchnorm=False):
-    """Builds the (uncompiled) Keras model named by `spec`, mapping [0, 1] images to float32 logits."""
+    """Builds the (uncompiled) Keras model named by `spec`, mapping [0, 1] images to float32 logits.
+
+    Args:
+      spec: NAME or NAME:key=value,... (available_models; docs/datasets.md lists each model's keys).
+      num_classes: the number of logits.
+      input_shape: (H, W, C) of the images; every model ends in global average pooling, so any size works.
+      sync_batchnorm: synchronise BatchNorm statistics across replicas.
+
+    Returns:
+      A functional keras.Model.
+
+    Example:
+
+    >>> student = mtard_tf.build_model("resnet18:width=8", num_classes=10, input_shape=(32, 32, 3))
+    >>> student.output_shape
+    (None, 10)
+    """
     name, arguments = model_arguments(spec)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ModelSpecError(f"num_classes must be a positive integer, got {num_classes!r}")

@@ -197,6 +197,18 @@ def convert_state_dict(arch_spec, state_dict, num_classes, input_shape=(32, 32, 
     """Builds `arch_spec` and loads a PyTorch state dict (torch tensors or numpy arrays) into it.
 
     Raises CheckpointError (one line) listing missing / unexpected / mis-shaped tensors if it does not fit.
+
+    Args:
+      arch_spec: a model spec of the registry (build_model), e.g. "wrn34_10" or "resnet56:normalize=cifar10".
+      state_dict: the checkpoint's tensors by PyTorch name (torch tensors or numpy arrays, possibly nested).
+      num_classes: the number of logits. input_shape: (H, W, C) of the images.
+
+    Returns:
+      The Keras model holding the checkpoint's weights.
+
+    Example:
+
+    >>> teacher = mtard_tf.convert_state_dict("resnet56", torch.load("resnet56.pt"), num_classes=10)
     """
     state = unwrap_state_dict(state_dict)
     name, _ = architectures.parse_model_spec(arch_spec)
@@ -252,7 +264,23 @@ def _torch_shape(param, layer, keras_shape):
 
 def convert_checkpoint(arch_spec, checkpoint_path, num_classes, out_path=None, trust_checkpoint=False,
                        input_shape=(32, 32, 3)):
-    """Reads a checkpoint file, converts it, and saves the Keras model to `out_path` (a .keras file) if given."""
+    """Reads a checkpoint file, converts it, and saves the Keras model to `out_path` (a .keras file) if given.
+
+    Reading the file needs torch (requirements-torch.txt). `trust_checkpoint` allows a pickle that is not a plain
+    state dict (it runs the file's code: only for files of a trusted source).
+
+    Args:
+      arch_spec: the registry's model spec of the checkpoint's architecture (convert_state_dict).
+      checkpoint_path: the PyTorch checkpoint file. num_classes: the number of logits.
+      out_path: a .keras file to save the model to, or None.
+
+    Returns:
+      The Keras model.
+
+    Example:
+
+    >>> teacher = mtard_tf.convert_checkpoint("wrn34_10", "model_cifar_wrn.pt", 10, out_path="robust.keras")
+    """
     state = load_checkpoint(checkpoint_path, trust_checkpoint=trust_checkpoint)
     model = convert_state_dict(arch_spec, state, num_classes, input_shape=input_shape)
     if out_path:
