@@ -3,23 +3,40 @@
 # whose --model_dir holds one factor's students; re-running the script resumes (reproduce reuses every finished
 # teacher, student and evaluation, and an interrupted training continues from its last checkpoint).
 #   bash docs/factor_study/run.sh            # from the repository root; STUDY_DIR, DATA_DIR override the defaults
-# Teachers trained by an earlier sitting and kept in docs/factor_study/teachers/ are copied in first, so a new
-# machine does not train them again.
+#   bash docs/factor_study/run.sh keep       # copy the finished models and evaluations into docs/factor_study/kept
+# What an earlier sitting finished and kept (docs/factor_study/kept/<row>/, same layout as the study's directories)
+# is copied in first, so a sitting on another machine does not train or evaluate it again.
 set -u
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY_DIR:-runs/factor_study}
 DATA=${DATA_DIR:-../shared/data/tfds}
-KEPT=docs/factor_study/teachers
+KEPT=docs/factor_study/kept
 COMMON=(--flagfile=flags/cpu_small.cfg --dataset=cifar10 "--data_dir=$DATA" --nodownload --epochs=3 --milestones=2
         --num_eval_examples=1000 --seeds=0 --select=best_holdout --select_every_before=1 --precision=float32
         --attacks=clean,pgd_trades,autoattack)
+# The files that make a finished stage reusable (a model, its record, its evaluation, its balancing picture) and
+# the comparison; checkpoints and TensorBoard logs stay out.
+KEEP=(-name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json' -o -name report.json
+      -o -name report.md -o -name per_image.npz -o -name balance.png -o -name 'comparison.*' -o -name tradeoff.png)
 
+copy_files() {  # source dir, target dir, find filters...: copies the matching files that the target lacks
+  local source=$1 target=$2; shift 2
+  [ -d "$source" ] || return 0
+  (cd "$source" && find . -type f \( "$@" \) | sort) | while read -r file; do
+    mkdir -p "$target/$(dirname "$file")"
+    cp -n "$source/$file" "$target/$file"
+  done
+}
+restore() {  # kept row dir, study row dir: models first, then what is derived from them (reuse checks mtimes)
+  copy_files "$1" "$2" -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json'
+  copy_files "$1" "$2" -path '*/eval/*'
+  copy_files "$1" "$2" -name balance.png
+}
 copy_teachers() {  # source model_dir, target model_dir, which teachers: clean, robust or both
-  mkdir -p "$2/teachers" "$2/eval"
   for kind in clean robust; do
     if [ "$3" = both ] || [ "$3" = "$kind" ]; then
-      [ -f "$1/teachers/$kind.keras" ] && cp -n "$1/teachers/$kind.keras" "$1/teachers/$kind.json" "$2/teachers/"
-      [ -d "$1/eval/${kind}_teacher" ] && cp -rn "$1/eval/${kind}_teacher" "$2/eval/"
+      copy_files "$1/teachers" "$2/teachers" -name "$kind.*"
+      copy_files "$1/eval" "$2/eval" -path "./${kind}_teacher/*"
     fi
   done
 }
@@ -29,7 +46,15 @@ step() {
   echo "=== $(date -u +%FT%TZ) rc=$? $*"
 }
 
-[ -d "$KEPT/baseline" ] && copy_teachers "$KEPT/baseline" "$STUDY/baseline" both
+if [ "${1:-}" = keep ]; then
+  for row in "$STUDY"/*/; do
+    copy_files "$row" "$KEPT/$(basename "$row")" "${KEEP[@]}"
+  done
+  exit 0
+fi
+for row in "$KEPT"/*/; do
+  [ -d "$row" ] && restore "$row" "$STUDY/$(basename "$row")"
+done
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat
 copy_teachers "$STUDY/baseline" "$STUDY/kl10" both
 step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard
@@ -38,6 +63,5 @@ step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard,rslad
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat,rslad,mtard,trades
 step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard,rslad,mtard
 copy_teachers "$STUDY/baseline" "$STUDY/strong_teacher" clean
-[ -d "$KEPT/strong_teacher" ] && copy_teachers "$KEPT/strong_teacher" "$STUDY/strong_teacher" robust
 step "--model_dir=$STUDY/strong_teacher" --robust_teacher_epochs=12 --methods=b_mtard,rslad
 echo "=== done"
