@@ -19,6 +19,7 @@ import typing
 
 from absl import flags
 
+from mtard_tf.data import source as source_lib
 from mtard_tf.errors import UserError
 
 
@@ -56,7 +57,9 @@ def _epochs_check():
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = option("cifar10", "tensorflow-datasets image classification dataset name.")
+    dataset: str = option("cifar10", "tensorflow-datasets image classification dataset name, or folder:PATH for "
+                          "your own images in PATH/train/<class>/ and PATH/test/<class>/ (or PATH/val/<class>/), "
+                          "prepared once into --data_dir in tfds' format (docs/datasets.md).")
     data_dir: str | None = option(None, "tensorflow-datasets data directory (default: tfds' own, "
                                         "~/tensorflow_datasets).")
     download: bool = option(True, "Download and prepare the dataset into --data_dir on first use; --nodownload "
@@ -73,6 +76,28 @@ class DataConfig:
                                choices=TRAIN_SOURCES)
     in_memory_limit_gb: float = option(4.0, "With --train_source=auto: the largest train split (GB of uint8 pixels) "
                                        "held in memory.", lower=0.0)
+    image_size: tuple[int, ...] = option((), "With --dataset=folder:PATH: H,W, the size every image is resized to "
+                                         "(bilinear with antialiasing, aspect ratio not kept); required when the "
+                                         "images differ in size. Default: the images' own size.",
+                                         check=(lambda v: len(v) in (0, 2) and all(s > 0 for s in v),
+                                                "must be HEIGHT,WIDTH in pixels, e.g. 32,32"))
+    folder_test_fraction: float = option(0.1, "With --dataset=folder:PATH and no test/ or val/ folder: the fraction "
+                                         "of each class's train images held out as the test split (the same images "
+                                         "for every run on the folder: chosen with seed 0, not --seed).",
+                                         check=(lambda v: 0 < v < 1, "must be in (0, 1)"))
+
+    def __post_init__(self):
+        if not source_lib.is_folder(self.dataset):
+            if self.image_size:
+                raise ConfigError("--image_size applies to --dataset=folder:PATH (a tensorflow-datasets dataset has "
+                                  "its own image size)")
+        elif not self.dataset[len(source_lib.FOLDER_PREFIX):].strip():
+            raise ConfigError("--dataset=folder:PATH needs the folder's path after 'folder:'")
+
+    @property
+    def source(self):
+        """What the data functions read: the tfds name, or the ImageFolderSource of folder:PATH."""
+        return source_lib.dataset_source(self.dataset, self.image_size, self.folder_test_fraction)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -193,3 +193,15 @@ def test_an_attack_that_fixes_a_misclassified_image_is_not_robustness(monkeypatc
     assert report["attacks"]["clean"]["accuracy"] == 0.5
     assert report["attacks"]["fgsm"]["accuracy"] == 0.0
     assert report["sanity"]["passed"]
+
+
+def test_per_class_accuracy_counts_each_class_on_its_own_images():
+    from mtard_tf.evaluation import robustness
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    correct = {"clean": np.array([1, 1, 0, 1, 1, 0], bool), "pgd_sat": np.array([0, 1, 0, 1, 0, 0], bool)}
+    per_class = robustness.per_class_accuracy(correct, labels, ["a", "b", "c", "d"])
+    assert per_class == {"class_names": ["a", "b", "c", "d"], "num_examples": [1, 2, 3, 0],
+                         "accuracy": {"clean": [1.0, 0.5, 2 / 3, None], "pgd_sat": [0.0, 0.5, 1 / 3, None]}}
+    markdown = robustness.format_markdown({"epsilon": 8 / 255, "num_examples": 6, "seed": 0, "attacks": {},
+                                           "per_class": per_class})
+    assert "| c | 3 | 66.67 | 33.33 |" in markdown and "| d | 0 | – | – |" in markdown

@@ -23,6 +23,7 @@ registered by importing mtard_tf.data.tiny_imagenet) are built from the manual d
 import atexit
 import contextlib
 import dataclasses
+import functools
 import math
 import os
 import threading
@@ -34,7 +35,9 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 from tensorflow_datasets.core import file_adapters
 
+from mtard_tf.data import image_folder
 from mtard_tf.data import tiny_imagenet  # noqa: F401 - registers the tfds dataset `tiny_imagenet`
+from mtard_tf.data.source import ImageFolderSource
 from mtard_tf.errors import UserError
 
 TRAIN_SOURCES = ("memory", "disk")  # where train_dataset reads the split; config's --train_source adds "auto"
@@ -57,11 +60,20 @@ class DatasetInfo:
 
 
 def _builder(name, data_dir):
+    """The tfds builder of a dataset name or of an ImageFolderSource (image_folder.PreparedImageFolder)."""
+    if isinstance(name, ImageFolderSource):
+        return _folder_builder(name, data_dir)
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as error:
         raise DataUnavailableError(f"unknown tensorflow-datasets dataset '{name}'") from error
     return builder
+
+
+@functools.lru_cache(maxsize=8)
+def _folder_builder(source, data_dir):
+    """One builder per folder and data_dir in a process: it scans the folder when made."""
+    return image_folder.PreparedImageFolder(source=source, data_dir=data_dir)
 
 
 def _unavailable(name, data_dir):
@@ -79,6 +91,11 @@ def prepare(name, data_dir=None, download=True, manual_dir=None):
     `download` says, since building it needs no network; `manual_dir` given for any other dataset is a UserError.
     """
     builder = _builder(name, data_dir)
+    if isinstance(name, ImageFolderSource):
+        if manual_dir:
+            raise UserError("--manual_dir applies to tiny_imagenet; a folder:PATH dataset is read from PATH")
+        _prepare_folder(builder)
+        return
     if manual_dir and not builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
         raise UserError(f"--manual_dir applies to a dataset built from files downloaded by hand (tiny_imagenet); "
                         f"tensorflow-datasets gets '{name}' itself")
@@ -97,6 +114,22 @@ def prepare(name, data_dir=None, download=True, manual_dir=None):
         raise DataUnavailableError(
             f"dataset '{name}' could not be downloaded ({type(error).__name__}: {reason}); without internet access, "
             f"prepare it with `tfds build {name} --data_dir=DIR` elsewhere and pass --data_dir=DIR") from error
+
+
+def _prepare_folder(builder):
+    """Writes an image folder's splits in tfds' format on first use (image_folder's module doc)."""
+    if "train" in builder.info.splits:
+        return
+    source, (height, width, channels) = builder.source, builder.shape
+    counts = ", ".join(f"{len(files)} {split}" for split, files in builder.files.items())
+    held_out = (f"; no test/ or val/ folder, so {source.test_fraction:g} of each class's train images (seed "
+                f"{image_folder.HOLDOUT_SEED}) are the test split"
+                if not any(os.path.isdir(os.path.join(source.path, f)) for f in ("test", "val")) else "")
+    size = (f"resized to {height}x{width} ({image_folder.RESIZE_METHOD} with antialiasing)" if source.image_size
+            else f"{height}x{width}")
+    print(f"dataset '{source}': first use, preparing {len(builder.class_names)} classes ({counts} images, {size}, "
+          f"{channels} channel(s){held_out}) into {builder.data_dir}", flush=True)
+    builder.download_and_prepare()
 
 
 def _build_from_manual_dir(builder, manual_dir):
@@ -135,6 +168,8 @@ def load_info(name, data_dir=None):
 
 def _add_array_record_command(name, data_dir):
     command = f"python -m mtard_tf.tools.add_array_record --dataset={name}"
+    if isinstance(name, ImageFolderSource) and name.image_size:
+        command += f" --image_size={name.image_size[0]},{name.image_size[1]}"
     return command + (f" --data_dir={data_dir}" if data_dir else "")
 
 
@@ -148,7 +183,7 @@ def _without_tf_data_files(name, data_dir):
 
 def _load_split(name, split, data_dir):
     try:
-        return tfds.load(name, split=split, data_dir=data_dir, as_supervised=True, download=False)
+        return _builder(name, data_dir).as_dataset(split=split, as_supervised=True)
     except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as error:
         raise _unavailable(name, data_dir) from error
     except NotImplementedError as error:  # tfds: "`.as_dataset()` not implemented for ArrayRecord files"
@@ -174,8 +209,7 @@ def augment_image(image, seed, padding=4):
 def _train_arrays(name, data_dir):
     """The whole train split as (uint8 images [N, H, W, C], labels [N]) tensors."""
     try:
-        images, labels = tfds.load(name, split="train", data_dir=data_dir, as_supervised=True, download=False,
-                                   batch_size=-1)
+        images, labels = _builder(name, data_dir).as_dataset(split="train", as_supervised=True, batch_size=-1)
     except (AssertionError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as error:
         raise _unavailable(name, data_dir) from error
     except NotImplementedError as error:

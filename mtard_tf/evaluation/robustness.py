@@ -330,6 +330,15 @@ def format_markdown(report, title=None):
                  "accuracy under the attack) / 2. AutoAttack = standard version (APGD-CE, APGD-T, FAB-T, Square "
                  "5000 queries), worst case per image. Per-image robust flags: "
                  f"{report.get('per_image', PER_IMAGE_FILE)}.")
+    per_class = report.get("per_class")
+    if per_class:
+        names = list(per_class["accuracy"])
+        lines += ["", "| Class | Images | " + " | ".join(f"{DISPLAY_NAMES.get(n, n)} (%)" for n in names) + " |",
+                  "|---|---:|" + "---:|" * len(names)]
+        for k, class_name in enumerate(per_class["class_names"]):
+            cells = [("–" if per_class["accuracy"][n][k] is None else f"{100 * per_class['accuracy'][n][k]:.2f}")
+                     for n in names]
+            lines.append(f"| {class_name} | {per_class['num_examples'][k]} | " + " | ".join(cells) + " |")
     selection = report.get("selection")
     if selection:
         lines += ["", selection_sentence(selection)]
@@ -362,13 +371,23 @@ def format_markdown(report, title=None):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def per_class_accuracy(correct, labels, class_names):
+    """{"class_names", "num_examples": images per class, "accuracy": {attack: [accuracy on class k's images, None
+    for a class without images]}} of the per-image flags `correct` ({attack: bool[N]})."""
+    labels = np.asarray(labels)
+    counts = [int((labels == k).sum()) for k in range(len(class_names))]
+    accuracy = {name: [float(flags[labels == k].mean()) if counts[k] else None for k in range(len(class_names))]
+                for name, flags in correct.items()}
+    return {"class_names": [str(c) for c in class_names], "num_examples": counts, "accuracy": accuracy}
+
+
 def _batch_seed(seed, attack_index, batch_index):
     return int(np.random.SeedSequence([int(seed), attack_index, batch_index]).generate_state(1)[0])
 
 
 def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsilon, num_examples=None,
              batch_size=EvalConfig.batch_size, seed=0, output_dir, summary_writer=None, progress=True, step=0,
-             jit_compile=False, attack_options=None, title=None, selection=None, model_file=None):
+             jit_compile=False, attack_options=None, title=None, selection=None, model_file=None, class_names=None):
     """Accuracy of `model` under each attack on the first `num_examples` examples of `dataset`.
 
     Args:
@@ -385,6 +404,8 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
         report and stated in report.md.
       model_file: {"path", "sha256"} of the evaluated model's file, kept in the report (a model card quotes the
         report only for the file it evaluated).
+      class_names: the dataset's class names (label k is class_names[k]): the report then gives every attack's
+        accuracy per class ("per_class", per_class_accuracy) and report.md a table of it.
     Returns:
       The report dict: the content of report.json (per attack its accuracy, num_correct, num_examples, ci95 (the
       95% Wilson interval), w_robust, seconds; the sanity check) and the per-image results that per_image.npz holds:
@@ -460,6 +481,8 @@ def evaluate(model, dataset, *, attacks=ATTACK_NAMES, epsilon=AttackConfig.epsil
         report["selection"] = selection
     if model_file:
         report["model"] = model_file
+    if class_names is not None:
+        report["per_class"] = per_class_accuracy(correct, labels, class_names)
     if attack_options:
         report["attack_options"] = {name: {k: v for k, v in opts.items() if not callable(v)}
                                     for name, opts in attack_options.items()}

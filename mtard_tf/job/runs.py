@@ -20,7 +20,7 @@ from mtard_tf.models import architectures, loading
 
 def train_source(config):
     """"memory" or "disk": where this run reads the train split (datasets.train_source of --train_source)."""
-    return datasets.train_source(config.data.dataset, config.data.data_dir, config.data.train_source,
+    return datasets.train_source(config.data.source, config.data.data_dir, config.data.train_source,
                                  config.data.in_memory_limit_gb)
 
 
@@ -46,7 +46,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     if source == "disk":
         print(f"train split of '{config.data.dataset}': read from disk by index (its ArrayRecord files), not held in "
               f"memory")
-    validation = datasets.eval_dataset(config.data.dataset, config.data.data_dir, batch_size)
+    validation = datasets.eval_dataset(config.data.source, config.data.data_dir, batch_size)
     run = os.path.relpath(work_dir, config.runtime.model_dir)
     stage = f"student ({config.method})" if run == os.curdir else f"{os.path.basename(work_dir)} teacher"
     callbacks = [
@@ -65,7 +65,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     history.history = {}
     while step < total:
         epoch, done = divmod(step, steps_per_epoch)
-        train = datasets.train_dataset(config.data.dataset, config.data.data_dir, batch_size, seed=config.runtime.seed,
+        train = datasets.train_dataset(config.data.source, config.data.data_dir, batch_size, seed=config.runtime.seed,
                                        start_step=step, holdout=config.selection.held_out(), source=source)
         result = trainer.fit(train, initial_epoch=epoch, epochs=epoch + 1 if done else epochs,
                              steps_per_epoch=steps_per_epoch - done, validation_data=validation,
@@ -107,7 +107,7 @@ def _prepare(config, strategy):
     if batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"batch size {batch_size} is not divisible by the {strategy.num_replicas_in_sync} replicas")
     keras.utils.set_random_seed(config.runtime.seed)
-    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.source, config.data.data_dir)
     return info, steps_per_epoch(config, info)
 
 
@@ -217,7 +217,7 @@ class ModelSelection(keras.callbacks.Callback):
         self.directory = directory
         self.best_path = os.path.join(directory, "best.keras")
         self.epochs = select_epochs(config.schedule.epochs, config.schedule.milestones, self.selection.every_before)
-        dataset, data_dir = config.data.dataset, config.data.data_dir
+        dataset, data_dir = config.data.source, config.data.data_dir
         if self.selection.select == "best_test":
             self.split = datasets.load_info(dataset, data_dir).test_split
             self.dataset = datasets.eval_dataset(dataset, data_dir, EvalConfig.batch_size, self.selection.examples)

@@ -36,7 +36,7 @@ def teacher_stage(config, kind, strategy):
     """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
     given = config.teacher(kind).file
     path = given or runs.teacher_path(config.runtime.model_dir, kind)
-    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.source, config.data.data_dir)
     if given or os.path.exists(path):
         loading.load_teacher(path, info.image_shape, info.num_classes, config.strip_softmax)  # raises with a clear message if invalid
         print(f"{kind} teacher: using {path}")
@@ -50,7 +50,7 @@ def student_stage(config, strategy):
     the picture of its balancing dynamics for the two-teacher methods."""
     path = os.path.join(config.runtime.model_dir, "student.keras")
     if os.path.exists(path):
-        info = datasets.load_info(config.data.dataset, config.data.data_dir)
+        info = datasets.load_info(config.data.source, config.data.data_dir)
         loading.load_model(path, info.image_shape, info.num_classes, what="student")
         print(f"student: using {path}")
     else:
@@ -114,10 +114,10 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
     if reuse and _report_is_current(report_path, model_path, attacks, settings.num_examples):
         print(f"evaluation of {model_path}: using {report_path}")
     else:
-        info = datasets.load_info(config.data.dataset, config.data.data_dir)
+        info = datasets.load_info(config.data.source, config.data.data_dir)
         model = architectures.with_dtype_policy(loading.load_model(model_path, info.image_shape, info.num_classes,
                                                                    "model", config.strip_softmax))  # attacks in float32
-        dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+        dataset = datasets.eval_dataset(config.data.source, config.data.data_dir, settings.batch_size,
                                         settings.num_examples)
         writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
         print(f"evaluation of {model_path}: {', '.join(attacks)}")
@@ -125,7 +125,8 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
                             num_examples=settings.num_examples, batch_size=settings.batch_size,
                             seed=config.runtime.seed, output_dir=output_dir, summary_writer=writer,
                             progress=bool(config.runtime.verbose), selection=model_selection(model_path),
-                            model_file={"path": os.path.abspath(model_path), "sha256": file_sha256(model_path)})
+                            model_file={"path": os.path.abspath(model_path), "sha256": file_sha256(model_path)},
+                            class_names=info.class_names)
         writer.close()
     with open(report_path) as f:
         return json.load(f)
@@ -139,7 +140,7 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
     if not settings.source_model:
         raise config_lib.ConfigError("evaluating a .tflite model needs --source_model=PATH.keras, the float Keras "
                                      "student it was converted from (the transfer attacks are crafted on it)")
-    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.source, config.data.data_dir)
     source = architectures.with_dtype_policy(loading.load_model(settings.source_model, info.image_shape,
                                                                 info.num_classes, "source model",
                                                                 config.strip_softmax))
@@ -155,7 +156,7 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
         print(f"warning: {tflite_path} was exported from {card['source_model'].get('path')} (sha256 "
               f"{exported_from[:12]}), not from --source_model={settings.source_model}: the float figures are "
               "another model's")
-    dataset = datasets.eval_dataset(config.data.dataset, config.data.data_dir, settings.batch_size,
+    dataset = datasets.eval_dataset(config.data.source, config.data.data_dir, settings.batch_size,
                                     settings.num_examples)
     latency_images, _ = robustness.take_examples(dataset, min(LATENCY_IMAGES,
                                                               settings.num_examples or LATENCY_IMAGES))
@@ -243,12 +244,12 @@ def export_stage(config, student_path, reuse=True):
         if same and os.path.exists(previous.get("path", "")):
             print(f"export: using {previous['path']}")
             return previous["path"]
-    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.source, config.data.data_dir)
     model = architectures.with_dtype_policy(loading.load_model(student_path, info.image_shape, info.num_classes,
                                                                "model", config.strip_softmax), settings.precision)
     card = model_card(student_path, digest, info.class_names)
     if settings.format == "tflite":
-        representative = (datasets.first_train_images(config.data.dataset, config.data.data_dir,
+        representative = (datasets.first_train_images(config.data.source, config.data.data_dir,
                                                       settings.representative_examples)
                           if settings.quantize == "int8" else None)
         path = tflite.export_tflite(model, settings.export_dir, settings.model_name, settings.quantize,
@@ -282,7 +283,7 @@ class StageTimer:
 def plan(config):
     """(stage, what it will do) for each stage of run_all: a file it reuses, or the training's steps; each training
     prints its estimated wall time after its first steps (wall_time.WallTimeEstimate)."""
-    info = datasets.load_info(config.data.dataset, config.data.data_dir)
+    info = datasets.load_info(config.data.source, config.data.data_dir)
     steps = runs.steps_per_epoch(config, info)
     stages = []
     for kind in ("clean", "robust"):

@@ -137,8 +137,8 @@ def run_command(make_config, body, verbose=False, dry_run=False, trains=True):
             raise UserError(f"--model_dir={model_dir} is a file, not a directory")
         with _writing_to(model_dir):
             os.makedirs(model_dir, exist_ok=True)  # before the data: not a download of minutes, then this error
-        datasets.prepare(config.data.dataset, config.data.data_dir, config.data.download, config.data.manual_dir)
-        info = datasets.load_info(config.data.dataset, config.data.data_dir)
+        datasets.prepare(config.data.source, config.data.data_dir, config.data.download, config.data.manual_dir)
+        info = datasets.load_info(config.data.source, config.data.data_dir)
         config_lib.check_split_sizes(config, info.num_train, info.num_test, info.test_split)
         with _writing_to(model_dir):  # after the checks: a refused run leaves the last run's config.json
             files.write_text(os.path.join(model_dir, "config.json"), config.to_json() + "\n")

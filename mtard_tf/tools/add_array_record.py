@@ -1,5 +1,6 @@
 """Adds ArrayRecord files beside a prepared dataset's tfrecord files, so that the train split can be read from disk by
-index (--train_source=disk): python -m mtard_tf.tools.add_array_record --dataset=NAME [--data_dir=DIR].
+index (--train_source=disk): python -m mtard_tf.tools.add_array_record --dataset=NAME [--data_dir=DIR] (and, for
+--dataset=folder:PATH, the --image_size and --folder_test_fraction it was prepared with).
 
 tfds' own tool for this, `tfds convert_format`, needs apache-beam, which tensorflow-datasets does not install
 (tensorflow/datasets#5463) and whose install (2.77) downgrades protobuf from the 7.x TensorFlow runs with to 6.x; this
@@ -10,7 +11,7 @@ its dataset_info.json; a second run finds the files and does nothing.
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mtard_tf import config
 from mtard_tf.job import startup
@@ -18,15 +19,16 @@ from mtard_tf.job import startup
 FLAGS = flags.FLAGS
 
 
+DATA_FLAGS = ("dataset", "data_dir", "image_size", "folder_test_fraction")
+
+
 def define_flags(flag_values=FLAGS):
-    """The configuration's --dataset and --data_dir (config.define_flags; called by run())."""
-    config.define_flags(flag_values, names=("dataset", "data_dir"))
+    """The configuration's data flags (config.define_flags; called by run())."""
+    config.define_flags(flag_values, names=DATA_FLAGS)
 
 
 def main(argv):
-    if len(argv) > 1:
-        print(f"error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return 1
+    del argv  # startup.run_app refuses positional arguments
     verbose = FLAGS["verbosity"].present
     if not verbose:
         logging.set_verbosity(logging.WARNING)
@@ -34,7 +36,8 @@ def main(argv):
     from mtard_tf.data import datasets
     from mtard_tf.errors import UserError
     try:
-        written = datasets.add_array_record(FLAGS.dataset, FLAGS.data_dir)
+        data = config.from_flags(FLAGS, names=DATA_FLAGS).data
+        written = datasets.add_array_record(data.source, data.data_dir)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -47,7 +50,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":

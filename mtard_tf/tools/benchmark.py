@@ -459,7 +459,7 @@ def main(argv):
     from mtard_tf.errors import UserError
     for source in FLAGS.pipeline_sources if FLAGS.pipeline_batches else ():
         try:
-            rate = pipeline_images_per_second(config.data.dataset, config.data.data_dir, batch_size,
+            rate = pipeline_images_per_second(config.data.source, config.data.data_dir, batch_size,
                                               FLAGS.pipeline_batches, source.strip())
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
