@@ -5,10 +5,12 @@ import json
 import os
 import pathlib
 
+import ai_edge_litert
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from ai_edge_litert import interpreter as litert
 
 from support import run_main, tiny_model
 from mtard_tf import config as config_lib, files
@@ -53,6 +55,9 @@ def test_each_quantisation_exports_loads_and_agrees_with_keras(trained, tmp_path
     assert os.listdir(tmp_path / "edge") == ["1.tflite"]  # no temporary file left
 
     deployed = tflite.TFLiteModel(path)
+    # On LiteRT, the runtime edge users run, not TensorFlow's deprecated tf.lite.Interpreter (another class).
+    assert type(deployed.interpreter) is litert.Interpreter
+    assert type(deployed.interpreter).__module__ == "ai_edge_litert.interpreter"
     assert (deployed.image_shape, deployed.num_classes) == ((SIZE, SIZE, 3), NUM_CLASSES)
     x, _ = template_data(200, seed=3)
     expected = trained.predict(x, verbose=0)
@@ -168,9 +173,14 @@ def test_both_formats_carry_the_model_card(student_run):
     assert stages.model_card(student, stages.file_sha256(student), ["a"])["evaluation"] is None
 
 
-def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_path):
+def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_path, monkeypatch):
     config, student = student_run
     path = stages.export_stage(config_lib.replace(config, format="tflite"), student)
+
+    def not_litert(*args, **kwargs):
+        raise AssertionError("the evaluation ran on tf.lite.Interpreter, not on LiteRT")
+
+    monkeypatch.setattr(tf.lite, "Interpreter", not_litert)
     with pytest.raises(config_lib.ConfigError, match="needs --source_model"):
         stages.evaluate_tflite_stage(config, path, str(tmp_path / "unused"))
 
@@ -188,6 +198,7 @@ def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_p
         # A float32 TFLite model is the Keras model: same images, same predictions.
         assert result["num_correct"] == result["source"]["num_correct"]
     assert report["deployed"]["bytes"] == os.path.getsize(path) and report["deployed"]["latency_ms"] > 0
+    assert report["deployed"]["runtime"] == tflite.RUNTIME == f"LiteRT {ai_edge_litert.__version__}"
     assert report["source"]["matches_model_card"]
     with np.load(output_dir / "per_image.npz") as per_image:
         assert sorted(per_image.files) == sorted(["labels", *kinds, *(f"source_{name}" for name in kinds)])
@@ -197,6 +208,7 @@ def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_p
     markdown = (output_dir / "report.md").read_text()
     assert "| Attack | Kind | Deployed (%) | Float source (%) |" in markdown
     assert "| PGD-SAT | transfer |" in markdown and "| Square (5 queries) | direct |" in markdown
+    assert f"ms per image ({tflite.RUNTIME}, median over" in markdown
 
 
 def test_missing_source_model_is_one_error_line(mock_metadata_dir, tmp_path):

@@ -634,8 +634,9 @@ def format_deployed_markdown(report, title=None):
         if deployed.get("bytes"):
             text += f", {deployed['bytes']} bytes"
         if deployed.get("latency_ms") is not None:
-            text += (f", {deployed['latency_ms']:.3f} ms per image (median over {deployed['latency_images']} images, "
-                     f"batch 1, {deployed['threads']} threads)")
+            runtime = f"{deployed['runtime']}, " if deployed.get("runtime") else ""
+            text += (f", {deployed['latency_ms']:.3f} ms per image ({runtime}median over {deployed['latency_images']} "
+                     f"images, batch 1, {deployed['threads']} threads)")
         lines += [text + ".", ""]
     if source:
         lines += [f"Float source model: `{source['path']}`.", ""]

@@ -1,5 +1,5 @@
-"""TensorFlow Lite export of the student (float32, float16 or int8 post-training quantisation) and the interpreter
-that runs it for evaluation.
+"""TensorFlow Lite export of the student (float32, float16 or int8 post-training quantisation) and the LiteRT
+interpreter that runs it for evaluation.
 
 `export_tflite` writes `<export_dir>/<model_name>/<version>.tflite` (complete or absent, versions numbered with the
 SavedModels: mtard_tf.export.saved_model) with the SavedModel's input contract: input `images`, float32
@@ -7,20 +7,22 @@ SavedModels: mtard_tf.export.saved_model) with the SavedModel's input contract: 
 assertion, so unlike the SavedModel the file does not reject values outside [0, 1]. Class names and everything else a
 user should know are in the model card, embedded in the file (`read_model_card`).
 
-`TFLiteModel` runs a .tflite file on `tf.lite.Interpreter` as a callable images -> logits, eagerly or inside a
-tf.function (through tf.numpy_function), so the attack code of mtard_tf.attacks.autoattack queries it like a Keras
-model.
+`TFLiteModel` runs a .tflite file on LiteRT's interpreter (ai_edge_litert) as a callable images -> logits, eagerly
+or inside a tf.function (through tf.numpy_function), so the attack code of mtard_tf.attacks.autoattack queries it
+like a Keras model. LiteRT is the runtime a deployed file meets on the edge, and TensorFlow's own tf.lite.Interpreter
+is deprecated in its favour, so the robustness measured here is that of the runtime users run.
 """
 
 import json
 import os
 import tempfile
 import time
-import warnings
 
+import ai_edge_litert
 import numpy as np
 import tensorflow as tf
 import keras
+from ai_edge_litert import interpreter as litert
 
 from mtard_tf import files
 from mtard_tf.config import QUANTIZATIONS
@@ -30,6 +32,7 @@ from mtard_tf.job import startup
 
 MODEL_CARD_METADATA = "model_card"  # the TFLite metadata entry holding the model card (UTF-8 JSON)
 NUM_THREADS = 2
+RUNTIME = f"LiteRT {ai_edge_litert.__version__}"  # what evaluates a .tflite file, as reports name it
 
 
 class TFLiteError(UserError):
@@ -160,8 +163,8 @@ def export_tflite(model, export_dir, model_name, quantize="none", *, representat
 
 
 class TFLiteModel:
-    """A .tflite classifier (float32 images in [0, 1] -> float32 logits) on `tf.lite.Interpreter`, callable like a
-    Keras model: model(images) -> logits.
+    """A .tflite classifier (float32 images in [0, 1] -> float32 logits) on LiteRT's interpreter (`RUNTIME`), callable
+    like a Keras model: model(images) -> logits.
 
     Called with a tensor (eager, or symbolic inside a tf.function: Square's search loop), it runs the interpreter
     through tf.numpy_function, which has no gradient: only query-based attacks can run against it directly. The
@@ -181,10 +184,9 @@ class TFLiteModel:
         if not os.path.isfile(path):
             raise TFLiteError(f"TFLite file {path} does not exist")
         self.path = path
-        with warnings.catch_warnings(), startup.held_back_stderr():
-            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
+        with startup.held_back_stderr():
             try:
-                self.interpreter = tf.lite.Interpreter(model_path=path, num_threads=num_threads)
+                self.interpreter = litert.Interpreter(model_path=path, num_threads=num_threads)
                 self.interpreter.allocate_tensors()  # applies the XNNPACK delegate, whose INFO line is held back
             except ValueError as error:
                 raise TFLiteError(f"{path} is not a TFLite model: {error}") from error

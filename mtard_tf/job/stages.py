@@ -134,8 +134,9 @@ def evaluate_stage(config, model_path, output_dir, attacks=None, reuse=True):
 
 def evaluate_tflite_stage(config, tflite_path, output_dir):
     """The robustness of a .tflite model as it ships, beside the float Keras student it was converted from
-    (`config.eval.source_model`): robustness.evaluate_deployed on the TFLite interpreter, with the file's size and
-    its latency (batch 1, median over the first LATENCY_IMAGES evaluation images). Returns the report."""
+    (`config.eval.source_model`): robustness.evaluate_deployed on LiteRT's interpreter (tflite.TFLiteModel), with the
+    file's size and its latency (batch 1, median over the first LATENCY_IMAGES evaluation images). Returns the report,
+    which names the runtime: latency, and in principle results, belong to the runtime that measured them."""
     settings = config.eval
     if not settings.source_model:
         raise config_lib.ConfigError("evaluating a .tflite model needs --source_model=PATH.keras, the float Keras "
@@ -163,7 +164,7 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
     details = {
         "deployed": {"path": os.path.abspath(tflite_path), "sha256": file_sha256(tflite_path),
                      "bytes": os.path.getsize(tflite_path), "format": "tflite",
-                     "quantization": card.get("quantization"), "threads": tflite.NUM_THREADS,
+                     "quantization": card.get("quantization"), "runtime": tflite.RUNTIME, "threads": tflite.NUM_THREADS,
                      "latency_ms": 1000 * deployed.latency(latency_images), "latency_images": len(latency_images)},
         "source": {"path": os.path.abspath(settings.source_model), "sha256": source_sha256,
                    "matches_model_card": None if exported_from is None else exported_from == source_sha256},
