@@ -21,7 +21,7 @@ A SAT / TRADES / ARD-style student logs none of these tags; the command then say
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mtard_tf import config, files
 from mtard_tf.errors import UserError
@@ -157,8 +157,7 @@ def define_flags(flag_values=FLAGS):
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    del argv  # startup.run_app refuses positional arguments
     if not FLAGS["model_dir"].present or not FLAGS.model_dir:
         sys.exit("error: --model_dir is required")
     verbose = FLAGS["verbosity"].present
@@ -173,7 +172,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":

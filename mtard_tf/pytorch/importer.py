@@ -323,9 +323,7 @@ def define_flags(flag_values=None):
 def main(argv):
     from absl import flags  # pylint: disable=import-outside-toplevel
 
-    if len(argv) > 1:
-        print(f"import_torch: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-        return 1
+    del argv  # startup.run_app refuses positional arguments
     FLAGS = flags.FLAGS
     if not FLAGS.out.endswith(".keras"):
         print(f"import_torch: error: --out must end with .keras, got {FLAGS.out}", file=sys.stderr)
@@ -342,10 +340,10 @@ def main(argv):
 
 
 def run():
-    from absl import app  # pylint: disable=import-outside-toplevel
+    from mtard_tf.job import startup  # pylint: disable=import-outside-toplevel
 
     define_flags()
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import resource
 import sys
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from mtard_tf import config as config_lib
 from mtard_tf.job import startup
@@ -473,7 +473,7 @@ def main(argv):
 
 def run():
     define_flags()
-    app.run(main)
+    startup.run_app(main)
 
 
 if __name__ == "__main__":
