@@ -13,13 +13,14 @@ from absl import flags
 from mtard_tf import config, main, reproduce
 from mtard_tf.evaluation import plot
 from mtard_tf.pytorch import importer
-from mtard_tf.tools import add_array_record, benchmark
+from mtard_tf.tools import add_array_record, benchmark, factor_tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.path.join(ROOT, "docs", "flags.md")
 COMMANDS = (("python -m mtard_tf.main", main), ("python -m mtard_tf.reproduce", reproduce),
             ("python -m mtard_tf.tools.benchmark", benchmark),
             ("python -m mtard_tf.tools.add_array_record", add_array_record),
+            ("python -m mtard_tf.tools.factor_tables", factor_tables),
             ("python -m mtard_tf.evaluation.plot", plot), ("python -m mtard_tf.pytorch.importer", importer))
 
 
