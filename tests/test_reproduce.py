@@ -1,5 +1,6 @@
-"""python -m mtard_tf.reproduce: teachers once, one student per method and seed, the comparison files with intervals
-and paired tests against B-MTARD, the reference recipes; a re-run reuses all."""
+"""python -m mtard_tf.reproduce: teachers once, one student per method (or variant) and seed, the comparison files
+with intervals and paired tests against B-MTARD (and a variant's own method), the reference recipes and the variant
+files; a re-run reuses all."""
 
 import copy
 import json
@@ -24,6 +25,8 @@ TINY = dict(dataset="cifar10", student="resnet56:depth=8,width=2", clean_teacher
 # One method per kind of teacher use (none, the robust teacher, both), to keep the test short: every method's
 # train_step is tested in test_baselines.py, and all of them share train_student.
 METHODS = ("sat", "rslad", "b_mtard")
+# And a variant of one of them (flags/variants/kl10.cfg: --kl_scale=10), tested against B-MTARD and its own method.
+ENTRIES = (*METHODS, "rslad@kl10")
 EVAL = dict(attacks=("clean", "fgsm"), num_eval_examples=8, eval_batch_size=8)
 
 
@@ -31,8 +34,8 @@ def outputs(model_dir):
     """mtime of every model and evaluation report the reproduction keeps."""
     names = ["teachers/clean.keras", "teachers/robust.keras", "eval/clean_teacher/report.json",
              "eval/robust_teacher/report.json"]
-    for method in METHODS:
-        names += [f"students/{method}/student.keras", f"students/{method}/eval/report.json"]
+    for entry in ENTRIES:
+        names += [f"students/{entry}/student.keras", f"students/{entry}/eval/report.json"]
     return {name: os.path.getmtime(os.path.join(model_dir, name)) for name in names}
 
 
@@ -51,29 +54,31 @@ def table_row(markdown, start):
 
 
 def check_bold_marks_significance(comparison):
-    """In the single-seed table, a student's accuracy is bold iff its paired test against B-MTARD has p < 0.05."""
+    """In the single-seed table, a student's accuracy is bold iff its paired test against B-MTARD has p < 0.05, and
+    marked † iff a variant's test against its own method has."""
     markdown = reproduce.format_markdown(comparison)
     for row in comparison["rows"]:
         cells = table_row(markdown, f"| {'Student' if row['role'] == 'student' else 'Teacher'} ({row['model']}) | "
                                     f"{row['display_name']} |")[2:]
         for attack, cell in zip(comparison["attacks"], cells):
-            test = row.get("vs_b_mtard", {}).get(attack)
-            assert cell.startswith("**") == (test is not None and test["p_value"] < 0.05), (row["name"], attack)
-        assert not cells[-1].startswith("**")  # W-Robust is not tested
+            for test_name, marked in (("vs_b_mtard", cell.startswith("**")), ("vs_base", cell.endswith(" †"))):
+                test = row.get(test_name, {}).get(attack)
+                assert marked == (test is not None and test["p_value"] < 0.05), (row["name"], attack, test_name)
+        assert not cells[-1].startswith("**") and not cells[-1].endswith("†")  # W-Robust is not tested
     return markdown
 
 
 def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifar, strategies, tmp_path, capsys):
     config = config_lib.make(model_dir=str(tmp_path / "run"), **EVAL, **TINY)
-    comparison = reproduce.reproduce(config, METHODS, strategies[1])
+    comparison = reproduce.reproduce(config, ENTRIES, strategies[1])
     before = outputs(config.runtime.model_dir)
 
     with open(tmp_path / "run" / "comparison.json") as f:
         assert json.load(f) == comparison
     rows = comparison["rows"]
-    assert [row["name"] for row in rows] == ["clean teacher", "robust teacher", *METHODS]
-    assert [row["role"] for row in rows] == ["teacher"] * 2 + ["student"] * len(METHODS)
-    assert [row["display_name"] for row in rows] == ["Natural", "TRADES", "SAT", "RSLAD", "B-MTARD"]
+    assert [row["name"] for row in rows] == ["clean teacher", "robust teacher", *ENTRIES]
+    assert [row["role"] for row in rows] == ["teacher"] * 2 + ["student"] * len(ENTRIES)
+    assert [row["display_name"] for row in rows] == ["Natural", "TRADES", "SAT", "RSLAD", "B-MTARD", "RSLAD @kl10"]
     for row in rows:
         assert set(row["accuracy"]) == set(row["w_robust"]) == set(row["ci95"]) == {"clean", "fgsm"}
         assert 0 <= row["accuracy"]["fgsm"] <= 1 and row["num_examples"] == 8
@@ -90,15 +95,26 @@ def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifa
     students = tmp_path / "run" / "students"
     for row in rows[2:]:
         assert list(row["seeds"]) == ["0"] and row["recipe"]["name"] == "equal"
-        if row["method"] == "b_mtard":
+        assert row["seeds"]["0"]["model_dir"] == str(students / row["name"])
+        if row["name"] != "rslad@kl10":
+            assert row["variant"] is None and "vs_base" not in row and "vs_base" not in row["seeds"]["0"]
+        if row["name"] == "b_mtard":
             assert "vs_b_mtard" not in row and "vs_b_mtard" not in row["seeds"]["0"]
             continue
         assert row["vs_b_mtard"] == row["seeds"]["0"]["vs_b_mtard"] == recomputed_tests(
-            students / row["method"] / "eval", students / "b_mtard" / "eval", ["clean", "fgsm"])
+            students / row["name"] / "eval", students / "b_mtard" / "eval", ["clean", "fgsm"])
         for test in row["vs_b_mtard"].values():
             assert 0 < test["p_value"] <= 1 and test["n"] == 8
-    with open(tmp_path / "run" / "students" / "rslad" / "student.json") as f:
-        assert json.load(f)["method"] == "rslad"
+    variant = rows[-1]
+    assert variant["method"] == "rslad" and variant["variant"] == {
+        "name": "kl10", "file": os.path.join(ROOT, "flags", "variants", "kl10.cfg"), "overrides": {"kl_scale": 10.0}}
+    assert comparison["variant_dir"] == os.path.join(ROOT, "flags", "variants")
+    assert variant["vs_base"] == variant["seeds"]["0"]["vs_base"] == recomputed_tests(
+        students / "rslad@kl10" / "eval", students / "rslad" / "eval", ["clean", "fgsm"])
+    for entry, method, kl_scale in (("rslad", "rslad", 1.0), ("rslad@kl10", "rslad", 10.0)):
+        with open(students / entry / "student.json") as f:
+            summary = json.load(f)
+        assert (summary["method"], summary["config"]["balance"]["kl_scale"]) == (method, kl_scale)
 
     markdown = (tmp_path / "run" / "comparison.md").read_text()
     assert "| Model | Method | Clean | FGSM | W-Robust |" in markdown
@@ -110,38 +126,56 @@ def test_reproduce_writes_the_comparison_and_a_rerun_reuses_everything(mock_cifa
                      rf"\[{100 * low:.1f}, {100 * high:.1f}\](\*\*)? \|", markdown)
     assert "Bold**: differs from B-MTARD at p < 0.05 (two-sided exact McNemar test" in markdown
     assert "## Paired differences to B-MTARD" in markdown and "(recipe: equal)" in markdown
+    assert "| RSLAD @kl10 | " in markdown.split("## Paired differences to B-MTARD")[1]
+    assert "## Paired differences of the variants to their methods" in markdown
+    assert "Variants (their flags on top of the run's):\n\n- RSLAD @kl10 (kl10.cfg): kl_scale=10.0\n" in markdown
     assert check_bold_marks_significance(comparison) == markdown
-    significant = copy.deepcopy(comparison)  # a made-up significant difference is shown in bold, and only it
+    significant = copy.deepcopy(comparison)  # made-up significant differences are marked, and only they
     significant["rows"][2]["vs_b_mtard"]["fgsm"]["p_value"] = 0.001
     for row in significant["rows"][3:]:
         row.get("vs_b_mtard", {}).get("fgsm", {})["p_value"] = 0.5
-    assert table_row(check_bold_marks_significance(significant), "| Student (resnet56:depth=8,width=2) | SAT |")[
-        3].startswith("**")
+    significant["rows"][-1]["vs_base"]["clean"]["p_value"] = 0.001
+    significant["rows"][-1]["vs_base"]["fgsm"]["p_value"] = 0.5
+    markdown = check_bold_marks_significance(significant)
+    assert table_row(markdown, "| Student (resnet56:depth=8,width=2) | SAT |")[3].startswith("**")
+    assert table_row(markdown, "| Student (resnet56:depth=8,width=2) | RSLAD @kl10 |")[2].endswith(" †")
+    assert "†: a variant that differs from its own method's row at p < 0.05" in markdown
     assert (tmp_path / "run" / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [name for name in os.listdir(tmp_path / "run") if name.startswith(".")]
     capsys.readouterr()
 
     # A report without per-image flags (written before they existed) is evaluated again; nothing else is.
     os.remove(students / "sat" / "eval" / "per_image.npz")
-    again = reproduce.reproduce(config, METHODS, strategies[1])
+    again = reproduce.reproduce(config, ENTRIES, strategies[1])
     out = capsys.readouterr().out
     after = outputs(config.runtime.model_dir)
     assert after.pop("students/sat/eval/report.json") > before.pop("students/sat/eval/report.json")
     assert after == before  # nothing else trained or evaluated again
     assert (students / "sat" / "eval" / "per_image.npz").exists()
     assert again["rows"][2]["vs_b_mtard"] == rows[2]["vs_b_mtard"]
-    assert out.count("student: using") == len(METHODS)
+    assert out.count("student: using") == len(ENTRIES)
     assert "clean teacher: using" in out and "robust teacher: using" in out
     assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in rows]
 
 
 def test_bad_methods_flag_is_one_clear_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mtard_tf.reproduce", "--methods=sat,madry",
-                             f"--model_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, PYTHONPATH=ROOT))
-    assert result.returncode != 0
-    assert "--methods must be distinct names from natural,sat,trades,ard,rslad,adaad,mtard,b_mtard" in result.stderr
-    assert "Traceback" not in result.stderr
+    for methods in ("sat,madry", "sat,sat", "sat,sat@kl10,sat@kl10", "madry@kl10", "sat@../kl10"):
+        result = subprocess.run([sys.executable, "-m", "mtard_tf.reproduce", f"--methods={methods}",
+                                 f"--model_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env=dict(os.environ, PYTHONPATH=ROOT))
+        assert result.returncode != 0
+        assert ("--methods must be distinct names from natural,sat,trades,ard,rslad,adaad,mtard,b_mtard, each alone "
+                "or as METHOD@VARIANT") in result.stderr, methods
+        assert "Traceback" not in result.stderr
+    # A variant without its file: one line naming the file, before the run's directory is touched.
+    result = subprocess.run([sys.executable, "-m", "mtard_tf.reproduce", "--methods=sat,sat@kl100",
+                             f"--model_dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --methods: no variant 'kl100' ({os.path.join(ROOT, 'flags', 'variants', 'kl100.cfg')} does not "
+        "exist; give --variant_dir, or write the file)"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_unavailable_dataset_is_one_clear_error(tmp_path):
@@ -271,25 +305,76 @@ def test_recipe_files_are_checked(tmp_path):
     assert reproduce.scale_schedule(config_lib.make(epochs=1), {"epochs": 100}) == (1, ())
 
 
+def test_variant_files_are_checked(tmp_path):
+    variant_dir = write_recipes(tmp_path / "variants", {
+        "kl10.cfg": "# loss scale\n--kl_scale=10\n", "short.cfg": "--epochs=1\n--milestones=\n",
+        "strong.cfg": "--robust_teacher_epochs=12\n", "images.cfg": "--num_eval_examples=100\n",
+        "seeded.cfg": "--seed=3\n", "hot.cfg": "--temperature_min=20\n"})
+    recipe_dir = write_recipes(tmp_path / "recipes")
+    config = config_lib.make(epochs=30, milestones=(20, 25))
+    # Equal recipe: the variant's flags alone; reference: on top of the method's scaled recipe, as written.
+    entries = reproduce.parse_methods(["b_mtard", "b_mtard@kl10", "sat@short"])
+    assert entries == [("b_mtard", None), ("b_mtard", "kl10"), ("sat", "short")]
+    settings = reproduce.entry_settings(config, entries, "equal", None, variant_dir)
+    assert settings["b_mtard"] == ({}, {"name": "equal", "file": None, "overrides": {}, "applied": {}}, None)
+    assert settings["b_mtard@kl10"][0] == {"kl_scale": 10.0}
+    assert settings["b_mtard@kl10"][2] == {"name": "kl10", "file": os.path.join(variant_dir, "kl10.cfg"),
+                                           "overrides": {"kl_scale": 10.0}}
+    settings = reproduce.entry_settings(config, entries, "reference", recipe_dir, variant_dir)
+    assert settings["b_mtard"][0] == {"epochs": 30, "milestones": (22, 26, 28), "kl_scale": 2.0}
+    assert settings["b_mtard@kl10"][0] == {"epochs": 30, "milestones": (22, 26, 28), "kl_scale": 10.0}
+    assert settings["sat@short"][0] == {"epochs": 1, "milestones": (), "learning_rate": 0.05, "epsilon": 0.02}
+    assert reproduce.student_dir("run", "b_mtard", "reference", 2, "kl10") == os.path.join(
+        "run", "students-reference", "b_mtard@kl10", "seed2")
+    missing = re.escape(os.path.join(variant_dir, "kl100.cfg"))
+    for entry, message in (("sat@kl100", rf"no variant 'kl100' \({missing} does not exist"),
+                           ("sat@strong", r"strong\.cfg: --robust_teacher_epochs cannot be part of a method's "
+                                          r"variant \(reproduce sets the teachers"),
+                           ("sat@images", r"images\.cfg: --num_eval_examples cannot be part of a method's variant"),
+                           ("sat@seeded", r"seeded\.cfg: --seed cannot be part of a method's variant"),
+                           ("b_mtard@hot", r"--methods entry b_mtard@hot: --temperature_min must not exceed")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            reproduce.entry_settings(config, reproduce.parse_methods([entry]), "equal", None, variant_dir)
+    for entries, message in ((["sat", "sat"], "'sat' is given twice"), (["sat@kl10", "sat@kl10"], "given twice"),
+                             (["madry@kl10"], "unknown method 'madry'"), (["sat@"], "names no variant file"),
+                             (["sat@a/b"], "names no variant file")):
+        with pytest.raises(config_lib.ConfigError, match=message):
+            reproduce.parse_methods(entries)
+    with pytest.raises(config_lib.ConfigError, match="no variant 'kl100'"):  # before anything trains
+        reproduce.reproduce(config, ("sat", "sat@kl100"), None, variant_dir=variant_dir)
+    # The repository's variants: each opens with a comment on what it varies, and reads.
+    shipped = sorted(os.listdir(reproduce.VARIANT_DIR))
+    assert {"kl10.cfg", "long.cfg"} <= set(shipped)
+    for name in shipped:
+        with open(os.path.join(reproduce.VARIANT_DIR, name)) as f:
+            assert f.readline().startswith("# ")
+        assert reproduce.method_variant(name[:-len(".cfg")])[0]
+    assert reproduce.method_variant("long")[0] == {"epochs": 9, "milestones": (6,)}
+
+
 def test_seeds_and_recipe_flags_reach_reproduce(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(reproduce, "_run", lambda *args: calls.append(args))
     monkeypatch.setattr(reproduce.startup, "run_command", lambda make_config, body, verbose: body(make_config()))
     reproduce.define_flags()
+    recipe_dir = write_recipes(tmp_path)
+    variant_dir = write_recipes(tmp_path / "variants", {"kl10.cfg": "--kl_scale=10\n"})
     try:
-        flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={tmp_path}",
-                     "--methods=sat,b_mtard", "--seed=5", f"--model_dir={tmp_path}"])
+        flags.FLAGS(["reproduce", "--seeds=2,0", "--recipe=reference", f"--recipe_dir={recipe_dir}",
+                     "--methods=sat,b_mtard,b_mtard@kl10", f"--variant_dir={variant_dir}", "--seed=5",
+                     f"--model_dir={tmp_path}"])
         reproduce.main(["reproduce"])
         flags.FLAGS.unparse_flags()
         flags.FLAGS(["reproduce", f"--model_dir={tmp_path}"])
         reproduce.main(["reproduce"])
-        for bad in ("--seeds=1,1", "--seeds=a", "--recipe=papers"):
+        for bad in ("--seeds=1,1", "--seeds=a", "--recipe=papers", "--methods=sat,sat", "--methods=sat@",
+                    "--methods=madry@kl10"):
             flags.FLAGS.unparse_flags()
             with pytest.raises(flags.IllegalFlagValueError):
                 flags.FLAGS(["reproduce", bad])
     finally:
         flags.FLAGS.unparse_flags()
-    config, methods, seeds, recipe, recipe_dir = calls[0]
-    assert (config.runtime.seed, methods) == (5, ("sat", "b_mtard"))
-    assert (seeds, recipe, recipe_dir) == ((2, 0), "reference", str(tmp_path))
-    assert calls[1][2:] == (None, "equal", None)
+    config, methods, seeds, recipe, recipe_dir, variants = calls[0]
+    assert (config.runtime.seed, methods) == (5, ("sat", "b_mtard", "b_mtard@kl10"))
+    assert (seeds, recipe, recipe_dir, variants) == ((2, 0), "reference", str(tmp_path), variant_dir)
+    assert calls[1][2:] == (None, "equal", None, None)
