@@ -117,7 +117,7 @@ def test_bad_reproduce_flags_are_one_line(tmp_path, flags, message):
 
 @pytest.mark.parametrize("module", ["mtard_tf.main", "mtard_tf.reproduce", "mtard_tf.tools.benchmark",
                                     "mtard_tf.tools.add_array_record", "mtard_tf.evaluation.plot",
-                                    "mtard_tf.pytorch.importer"])
+                                    "mtard_tf.pytorch.importer", "mtard_tf.tools.factor_tables"])
 def test_every_command_refuses_a_misspelled_flag_in_one_line(module):
     result = subprocess.run([sys.executable, "-m", module, "--no_such_flag=1"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))

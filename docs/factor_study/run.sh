@@ -16,8 +16,10 @@ COMMON=(--flagfile=flags/cpu_small.cfg --dataset=cifar10 "--data_dir=$DATA" --no
         --attacks=clean,pgd_trades,autoattack)
 # The files that make a finished stage reusable (a model, its record, its evaluation, its balancing picture) and
 # the comparison; checkpoints and TensorBoard logs stay out.
-KEEP=(-name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json' -o -name report.json
-      -o -name report.md -o -name per_image.npz -o -name balance.png -o -name 'comparison.*' -o -name tradeoff.png)
+KEEP=(\( -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json' -o -name report.json
+      -o -name report.md -o -name per_image.npz -o -name balance.png -o -name 'comparison.*' -o -name tradeoff.png \)
+      ! -path '*/selection/*' ! -name 'student_last.*')
+PARTIAL=(-path '*/checkpoints/*' -o -path '*/selection/*' -o -path '*/tensorboard/*')
 
 copy_files() {  # source dir, target dir, find filters...: copies the matching files that the target lacks
   local source=$1 target=$2; shift 2
@@ -28,6 +30,7 @@ copy_files() {  # source dir, target dir, find filters...: copies the matching f
   done
 }
 restore() {  # kept row dir, study row dir: models first, then what is derived from them (reuse checks mtimes)
+  copy_files "$1" "$2" "${PARTIAL[@]}"
   copy_files "$1" "$2" -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json'
   copy_files "$1" "$2" -path '*/eval/*'
   copy_files "$1" "$2" -name balance.png
@@ -46,22 +49,38 @@ step() {
   echo "=== $(date -u +%FT%TZ) rc=$? $*"
 }
 
+unfinished_runs() {  # training directories with checkpoints whose model is not written yet
+  find "$STUDY" -type d -name checkpoints | while read -r checkpoints; do
+    run=$(dirname "$checkpoints")
+    [ -f "$run/student.keras" ] || [ -f "$run.keras" ] || echo "$run"
+  done
+}
+
 if [ "${1:-}" = keep ]; then
   for row in "$STUDY"/*/; do
     copy_files "$row" "$KEPT/$(basename "$row")" "${KEEP[@]}"
+  done
+  # An interrupted training keeps its checkpoints, model selection and logs, so the next sitting resumes it.
+  unfinished_runs | while read -r run; do
+    relative=${run#"$STUDY"/}
+    rm -rf "${KEPT:?}/$relative"
+    copy_files "$run" "$KEPT/$relative" "${PARTIAL[@]}"
   done
   exit 0
 fi
 for row in "$KEPT"/*/; do
   [ -d "$row" ] && restore "$row" "$STUDY/$(basename "$row")"
 done
+# Loss scale: each distillation method at the paper's kl_scale (1) and at 10, a variant (flags/variants/kl10.cfg)
+# compared with its own method in the same comparison.
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat
-copy_teachers "$STUDY/baseline" "$STUDY/kl10" both
-step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard
-step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat,rslad
-step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard,rslad
-step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat,rslad,mtard,trades
-step "--model_dir=$STUDY/kl10" --kl_scale=10 --methods=b_mtard,rslad,mtard
+step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat
+step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10
+step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades
+# Teacher strength: the same clean teacher, a robust teacher trained 12 epochs instead of 3, the same students.
 copy_teachers "$STUDY/baseline" "$STUDY/strong_teacher" clean
 step "--model_dir=$STUDY/strong_teacher" --robust_teacher_epochs=12 --methods=b_mtard,rslad
+# Budget: 3x the steps (flags/variants/long.cfg); B-MTARD at the loss scale that won above (BMTARD_LONG).
+step "--model_dir=$STUDY/baseline" \
+  "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,${BMTARD_LONG:-b_mtard@long},sat@long,rslad@long"
 echo "=== done"
