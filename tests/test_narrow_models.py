@@ -69,3 +69,66 @@ def test_strided_projection_is_a_strided_1x1_convolution():
 def test_dm_wrn_refuses_sizes_its_padding_cannot_add(size):
     with pytest.raises(architectures.ModelSpecError, match="multiples of 4"):
         architectures.build_model("dm_wrn:depth=10,width=1", 10, (size, size, 3))
+
+
+# A user's own models with a strided 1x1 convolution (the crash's op) on 64x64 images, trained through the trainers:
+# Trainer repairs them in place (models/pointwise_strides.py).
+USER_SCRIPT = """
+import json
+import keras, numpy as np
+from mtard_tf.methods import baselines
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.stem = keras.layers.Conv2D(4, 3, padding="same", activation="relu")
+        self.down = keras.layers.Conv2D(8, 1, strides=2)
+        self.head = keras.layers.Dense(10)
+    def call(self, x):
+        return self.head(keras.ops.mean(self.down(self.stem(x)), axis=(1, 2)))
+
+inputs = keras.Input((64, 64, 3))
+x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+x = keras.layers.Conv2D(8, 1, strides=2, padding="same")(x)
+functional = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
+for name, model in (("functional", functional), ("subclassed", Subclassed())):
+    trainer = baselines.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    rng = np.random.default_rng(0)
+    history = trainer.fit(rng.uniform(size=(8, 64, 64, 3)).astype("float32"), rng.integers(0, 10, 8), batch_size=4,
+                          epochs=2, verbose=0)
+    print(json.dumps([name, history.history["loss"]]), flush=True)
+"""
+
+
+def test_users_models_with_a_strided_1x1_convolution_train_on_64x64_images():
+    result = subprocess.run([sys.executable, "-c", USER_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
+    trained = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
+    assert [name for name, _ in trained] == ["functional", "subclassed"]
+    assert all(losses and np.isfinite(losses).all() for _, losses in trained)
+
+
+@pytest.mark.parametrize("size,padding", [(33, "valid"), (34, "same"), (35, "same")])
+def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(size, padding):
+    import keras
+    from mtard_tf.models import pointwise_strides
+    layer = keras.layers.Conv2D(3, 1, strides=2, padding=padding, use_bias=True, bias_initializer="ones")
+    inputs = tf.random.normal([2, size, size, 4], seed=2)
+    layer(inputs)
+    config = layer.get_config()
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(inputs)
+        expected = tf.nn.conv2d(inputs, layer.kernel, strides=2, padding=padding.upper()) + layer.bias
+    model = keras.Sequential([keras.Input((size, size, 4)), layer])
+    assert pointwise_strides.subsample_strided_pointwise_convs(model) == [layer.name]
+    assert pointwise_strides.subsample_strided_pointwise_convs(model) == []  # once
+    with tf.GradientTape(persistent=True) as repaired_tape:
+        repaired_tape.watch(inputs)
+        outputs = model(inputs)  # through Keras' call: fails if Keras stops calling convolution_op
+    np.testing.assert_allclose(outputs.numpy(), expected.numpy(), atol=1e-5)
+    for source in (inputs, layer.kernel):
+        np.testing.assert_allclose(repaired_tape.gradient(outputs, source).numpy(),
+                                   tape.gradient(expected, source).numpy(), atol=1e-5)
+    assert layer.get_config() == config and layer.strides == (2, 2)  # saved as the layer it was

@@ -13,7 +13,7 @@ import tensorflow as tf
 from mtard_tf.attacks import white_box
 from mtard_tf.config import AttackConfig, ScheduleConfig
 from mtard_tf.methods import keras_repairs, losses
-from mtard_tf.models import loading
+from mtard_tf.models import loading, pointwise_strides
 
 # The step of the end-of-epoch validation's PGD: PGD-SAT's 2/255 (evaluation/robustness.py), whatever the training
 # attack's step.
@@ -97,6 +97,7 @@ class Trainer(keras.Model):
                  eval_attack_steps=AttackConfig.eval_steps, eval_step_size=EVAL_STEP_SIZE, seed=0, **kwargs):
         super().__init__(**kwargs)
         self.model = loading.check_logits(model, "the student (the model being trained)")
+        pointwise_strides.subsample_strided_pointwise_convs(self.model)  # a native crash in oneDNN, see its doc
         self.epsilon = float(epsilon)
         self.attack_steps = int(attack_steps)
         self.attack_step_size = float(attack_step_size)
