@@ -4,6 +4,7 @@
 # teacher, student and evaluation, and an interrupted training continues from its last checkpoint).
 #   bash docs/factor_study/run.sh            # from the repository root; STUDY_DIR, DATA_DIR override the defaults
 #   bash docs/factor_study/run.sh keep       # copy the finished models and evaluations into docs/factor_study/kept
+#   bash docs/factor_study/run.sh strong     # only the teacher-strength rows (a second process may run them)
 # What an earlier sitting finished and kept (docs/factor_study/kept/<row>/, same layout as the study's directories)
 # is copied in first, so a sitting on another machine does not train or evaluate it again.
 set -u
@@ -71,6 +72,14 @@ fi
 for row in "$KEPT"/*/; do
   [ -d "$row" ] && restore "$row" "$STUDY/$(basename "$row")"
 done
+strong_teacher() {
+  copy_teachers "$STUDY/baseline" "$STUDY/strong_teacher" clean
+  step "--model_dir=$STUDY/strong_teacher" --robust_teacher_epochs=12 --methods=b_mtard,rslad
+}
+if [ "${1:-}" = strong ]; then  # the teacher-strength rows alone, e.g. beside the others on a second process
+  strong_teacher
+  exit 0
+fi
 # Loss scale: each distillation method at the paper's kl_scale (1) and at 10, a variant (flags/variants/kl10.cfg)
 # compared with its own method in the same comparison.
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat
@@ -78,8 +87,7 @@ step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades
 # Teacher strength: the same clean teacher, a robust teacher trained 12 epochs instead of 3, the same students.
-copy_teachers "$STUDY/baseline" "$STUDY/strong_teacher" clean
-step "--model_dir=$STUDY/strong_teacher" --robust_teacher_epochs=12 --methods=b_mtard,rslad
+strong_teacher
 # Budget: 3x the steps (flags/variants/long.cfg); B-MTARD at the loss scale that won above (BMTARD_LONG).
 step "--model_dir=$STUDY/baseline" \
   "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,${BMTARD_LONG:-b_mtard@long},sat@long,rslad@long"
