@@ -164,10 +164,7 @@ def main(argv):
     if not verbose:
         logging.set_verbosity(logging.WARNING)  # TensorBoard's reader logs every file it opens at INFO
     startup.start_tensorflow(verbose)  # TensorBoard's reader loads TensorFlow when installed
-    try:
-        print(plot_balance(FLAGS.model_dir, FLAGS.output))
-    except UserError as error:
-        sys.exit(f"error: {error}")
+    print(plot_balance(FLAGS.model_dir, FLAGS.output))  # a UserError is one line (startup.run_app)
 
 
 def run():

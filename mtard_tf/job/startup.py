@@ -68,9 +68,19 @@ def parse_flags(argv):
 
 
 def run_app(main):
-    """absl.app.run(main) with parse_flags: every command's entry point."""
+    """absl.app.run(main) with parse_flags, and a UserError that main raises as one `error:` line and exit status 1
+    (anything else is a defect and keeps its traceback): every command's entry point."""
     from absl import app
-    app.run(main, flags_parser=parse_flags)
+
+    from mtard_tf.errors import UserError
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    app.run(guarded, flags_parser=parse_flags)
 
 
 def make_deterministic(tf):

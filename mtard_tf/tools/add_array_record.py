@@ -9,7 +9,6 @@ into the dataset's directory (next to the tfrecord files, which tf.data keeps re
 its dataset_info.json; a second run finds the files and does nothing.
 """
 
-import sys
 
 from absl import flags, logging
 
@@ -34,13 +33,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     startup.start_tensorflow(verbose)
     from mtard_tf.data import datasets
-    from mtard_tf.errors import UserError
-    try:
-        data = config.from_flags(FLAGS, names=DATA_FLAGS).data
-        written = datasets.add_array_record(data.source, data.data_dir)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    data = config.from_flags(FLAGS, names=DATA_FLAGS).data  # a UserError is one line (startup.run_app)
+    written = datasets.add_array_record(data.source, data.data_dir)
     if written:
         print(f"dataset '{FLAGS.dataset}': wrote {written} examples as ArrayRecord beside its tfrecord files")
     else:
