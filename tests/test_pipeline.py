@@ -29,7 +29,9 @@ def test_run_all_then_rerun_reuses_every_stage(mock_cifar, strategies, tmp_path,
     assert first["export"] == str(tmp_path / "saved_models" / "tiny" / "1")
     assert set(first["reports"]["student"]["attacks"]) == {"clean", "fgsm"}
     assert set(first["reports"]["robust teacher"]["attacks"]) == {"clean", "pgd_sat"}
-    assert "training" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training" in out
+    assert "train resnet18:width=2,blocks=1 with b_mtard, 1 epochs x 2 steps" in out  # the plan
     before = stage_outputs(model_dir)
 
     second = stages.run_all(config, strategies[1])
@@ -39,6 +41,8 @@ def test_run_all_then_rerun_reuses_every_stage(mock_cifar, strategies, tmp_path,
     assert not os.path.exists(tmp_path / "saved_models" / "tiny" / "2")
     for stage in ("clean teacher: using", "robust teacher: using", "student: using", "export: using"):
         assert stage in out
+    for path in ("teachers/clean.keras", "teachers/robust.keras", "student.keras"):  # the plan says it reuses them
+        assert f"use {os.path.join(model_dir, path)}" in out
     assert "== mtard_tf: done. Accuracy on the first 8 cifar10 test images ==" in out
 
 

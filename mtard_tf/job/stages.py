@@ -32,12 +32,25 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def teacher_stage(config, kind, strategy):
-    """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
+def teacher_file(config, kind):
+    """(path of the `kind` teacher, whether it is used as it is): the given file, else
+    `<model_dir>/teachers/<kind>.keras`, which is reused when it exists and trained otherwise."""
     given = config.teacher(kind).file
     path = given or runs.teacher_path(config.runtime.model_dir, kind)
+    return path, bool(given) or os.path.exists(path)
+
+
+def student_file(config):
+    """(`<model_dir>/student.keras`, whether it exists and is reused rather than trained)."""
+    path = os.path.join(config.runtime.model_dir, "student.keras")
+    return path, os.path.exists(path)
+
+
+def teacher_stage(config, kind, strategy):
+    """The given teacher file, else `<model_dir>/teachers/<kind>.keras` (trained now unless it exists)."""
+    path, reused = teacher_file(config, kind)
     info = datasets.load_info(config.data.source, config.data.data_dir)
-    if given or os.path.exists(path):
+    if reused:
         loading.load_teacher(path, info.image_shape, info.num_classes, config.strip_softmax)  # raises with a clear message if invalid
         print(f"{kind} teacher: using {path}")
         return path
@@ -48,8 +61,8 @@ def teacher_stage(config, kind, strategy):
 def student_stage(config, strategy):
     """`<model_dir>/student.keras`, trained now with `config.method` unless it exists (checked, then reused); and
     the picture of its balancing dynamics for the two-teacher methods."""
-    path = os.path.join(config.runtime.model_dir, "student.keras")
-    if os.path.exists(path):
+    path, reused = student_file(config)
+    if reused:
         info = datasets.load_info(config.data.source, config.data.data_dir)
         loading.load_model(path, info.image_shape, info.num_classes, what="student")
         print(f"student: using {path}")
@@ -289,11 +302,11 @@ def plan(config):
     stages = []
     for kind in ("clean", "robust"):
         teacher = config.teacher(kind)
-        path = teacher.file or runs.teacher_path(config.runtime.model_dir, kind)
-        stages.append((f"{kind} teacher", f"use {path}" if teacher.file or os.path.exists(path) else
+        path, reused = teacher_file(config, kind)
+        stages.append((f"{kind} teacher", f"use {path}" if reused else
                        f"train {teacher.arch} ({teacher.method}), {teacher.epochs} epochs x {steps} steps"))
-    student = os.path.join(config.runtime.model_dir, "student.keras")
-    stages.append(("student", f"use {student}" if os.path.exists(student) else
+    student, reused = student_file(config)
+    stages.append(("student", f"use {student}" if reused else
                    f"train {config.student} with {config.method}, {config.schedule.epochs} epochs x {steps} steps"))
     images = f"the first {config.eval.num_examples}" if config.eval.num_examples else f"all {info.num_test}"
     stages.append(("evaluation", f"teachers ({', '.join(TEACHER_ATTACKS)}) and student "
