@@ -216,3 +216,32 @@ def test_pytest_output_ends_with_its_summary():
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert result.returncode == 0, result.stdout[-3000:]
     assert re.fullmatch(r"\d+ passed in [\d.]+s", lines[-1]), lines[-5:]
+
+
+def test_training_time_counts_every_sitting_of_a_resumed_run(tmp_path, monkeypatch):
+    from mtard_tf.methods import baselines
+    clock = [100.0]
+    monkeypatch.setattr(checkpointing.time, "time", lambda: clock[0])
+
+    def trainer():
+        made = baselines.AdversarialTrainer(tiny_model("student"), method="pgd_at", attack_steps=1)
+        made.compile(optimizer=keras.optimizers.SGD(0.1))
+        made.optimizer.build(made.model.trainable_variables)
+        return made
+
+    first = trainer()
+    checkpoints = checkpointing.StepCheckpoints(first, str(tmp_path), max_to_keep=2)
+    for step, now in ((4, 110.0), (8, 130.0), (12, 160.0)):
+        first.optimizer.iterations.assign(step)
+        clock[0] = now
+        checkpoints.save()
+    with open(tmp_path / checkpointing.TRAIN_SECONDS_FILE) as f:
+        assert json.load(f) == {"8": 30.0, "12": 60.0}  # the kept checkpoints' times only
+    clock[0] = 175.0  # killed 15 s after the last checkpoint: those seconds are lost with their work
+
+    clock[0] = 1000.0
+    resumed = checkpointing.StepCheckpoints(trainer(), str(tmp_path), max_to_keep=2)
+    clock[0] = 1002.0
+    assert resumed.restore_latest() == 12
+    clock[0] = 1007.0
+    assert resumed.train_seconds() == pytest.approx(65.0)  # 60 s before the checkpoint, 5 s since the restore

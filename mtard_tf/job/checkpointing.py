@@ -9,13 +9,21 @@ checkpoint files under temporary names and updates the `checkpoint` index atomic
 the previous checkpoint usable.
 """
 
+import json
 import math
 import os
 import signal
+import time
 
 import keras
 import tensorflow as tf
+
+from mtard_tf import files
 from mtard_tf.errors import UserError
+
+# Beside the checkpoints: {step: training wall time up to that checkpoint}, so that a resumed run's training time
+# counts every sitting (a JSON file rather than a checkpoint variable, so checkpoints written before it still load).
+TRAIN_SECONDS_FILE = "train_seconds.json"
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -41,9 +49,24 @@ class StepCheckpoints:
     def __init__(self, trainer, directory, write_directory=None, max_to_keep=2):
         self.trainer = trainer
         self.directory = directory
+        self.write_directory = write_directory or directory
+        self.max_to_keep = max_to_keep
         self.checkpoint = trainer_checkpoint(trainer)
-        self.manager = tf.train.CheckpointManager(self.checkpoint, write_directory or directory,
-                                                  max_to_keep=max_to_keep)
+        self.manager = tf.train.CheckpointManager(self.checkpoint, self.write_directory, max_to_keep=max_to_keep)
+        self.started = time.time()
+        self.seconds_before = 0.0  # training time of the earlier sittings, up to the restored checkpoint
+
+    def train_seconds(self):
+        """Training wall time so far: this sitting's (since this object was made) and the earlier sittings' up to the
+        restored checkpoint (the time after a sitting's last checkpoint is lost with its work, and redone)."""
+        return self.seconds_before + time.time() - self.started
+
+    def _recorded_seconds(self):
+        path = os.path.join(self.directory, TRAIN_SECONDS_FILE)
+        if not os.path.exists(path):
+            return {}
+        with open(path) as f:
+            return json.load(f)
 
     def latest(self):
         """The newest checkpoint in `directory` (None without one)."""
@@ -57,6 +80,12 @@ class StepCheckpoints:
         step = self.step()
         if self.manager.latest_checkpoint and self.manager.latest_checkpoint.endswith(f"-{step}"):
             return self.manager.latest_checkpoint
+        # The checkpoints the manager keeps after this save: the newest max_to_keep - 1 of today's, and this one.
+        kept = [path.rsplit("-", 1)[1] for path in self.manager.checkpoints][1 - self.max_to_keep:] \
+            if self.max_to_keep > 1 and self.write_directory == self.directory else []
+        recorded = {key: value for key, value in self._recorded_seconds().items() if key in kept}
+        recorded[str(step)] = round(self.train_seconds(), 1)
+        files.write_json(os.path.join(self.write_directory, TRAIN_SECONDS_FILE), recorded)
         return self.manager.save(checkpoint_number=step)
 
     def restore_latest(self):
@@ -73,6 +102,8 @@ class StepCheckpoints:
             raise CheckpointMismatchError(f"checkpoint {latest} does not fit this run (another architecture or method?): use "
                              f"another --model_dir or delete {self.directory}. Details: "
                              f"{str(error).splitlines()[0]}") from error
+        self.seconds_before = float(self._recorded_seconds().get(str(self.step()), 0.0))
+        self.started = time.time()
         return self.step()
 
 

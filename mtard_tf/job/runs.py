@@ -4,7 +4,6 @@ model selection, and the saved model with its summary."""
 import json
 import os
 import shutil
-import time
 
 import keras
 
@@ -32,7 +31,8 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     an uninterrupted one does. A resumed partial epoch is finished by its own fit call. TensorBoard scalars go to
     `tensorboard/`. With `config.runtime.profile_dir`, step `profile_step` of this call is traced into
     `<profile_dir>/student` (`work_dir` = the model directory) or `<profile_dir>/<work_dir relative to it>`.
-    Returns a keras History with the merged per-epoch logs of this call.
+    Returns a keras History with the merged per-epoch logs of this call, and as its `train_seconds` the training
+    wall time of all the sittings of a resumed run (StepCheckpoints.train_seconds).
     """
     output_dir = distribute.writable_dir(strategy, work_dir)
     checkpoints = checkpointing.StepCheckpoints(trainer, os.path.join(work_dir, "checkpoints"),
@@ -77,6 +77,7 @@ def fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks=
     if not history.history:  # finished before an interruption: the final validation is re-measured
         metrics = trainer.evaluate(validation, steps=validation_steps, verbose=0, return_dict=True)
         history.history = {f"val_{name}": [value] for name, value in metrics.items()}
+    history.train_seconds = checkpoints.train_seconds()
     return history
 
 
@@ -88,13 +89,11 @@ def fit_and_save(trainer, config, strategy, work_dir, epochs, steps_per_epoch, p
     On a multi-worker run every worker saves (into its writable_dir) and waits until all have: the chief's files are
     complete when this returns on any worker.
     """
-    start = time.time()
     history = fit(trainer, config, work_dir, epochs, steps_per_epoch, strategy, callbacks)
-    seconds = time.time() - start
     output = os.path.join(distribute.writable_dir(strategy, os.path.dirname(path)), os.path.basename(path))
     files.save_model(trainer.model, output)
     files.write_json(os.path.splitext(output)[0] + ".json",
-                     {**final_metrics(history), **summary, "train_seconds": round(seconds, 1),
+                     {**final_metrics(history), **summary, "train_seconds": round(history.train_seconds, 1),
                       "state": {name: float(v.numpy()) for name, v in trainer.state_variables().items()},
                       "config": config.to_dict()})
     distribute.barrier(strategy)
