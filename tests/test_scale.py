@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from support import ROOT, final_state, main_command, run_main
 from mtard_tf.attacks import white_box
-from mtard_tf.job import distribute
+from mtard_tf.job import checkpointing, distribute
 from mtard_tf.methods import losses
 
 DISTILL = ["--mode=distill", "--dataset=cifar10", "--student=resnet18:width=2,blocks=1", "--sync_batchnorm",
@@ -66,7 +66,8 @@ def test_two_workers_train_like_one_and_resume_from_the_chiefs_checkpoint(mock_m
     second = run_workers(mock_metadata_dir, *DISTILL, *teachers, "--epochs=2", f"--model_dir={model_dir}")
     assert all("resuming from step 3 of 6" in stdout for stdout in second)
     assert sorted(os.listdir(os.path.join(model_dir, "checkpoints"))) == [
-        "checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index", "ckpt-6.data-00000-of-00001", "ckpt-6.index"]
+        "checkpoint", "ckpt-3.data-00000-of-00001", "ckpt-3.index", "ckpt-6.data-00000-of-00001", "ckpt-6.index",
+        checkpointing.TRAIN_SECONDS_FILE]
 
     state, weights = final_state(model_dir)
     reference_state, reference_weights = final_state(reference_dir)
