@@ -129,3 +129,17 @@ def test_evaluations_of_other_images_are_one_error_line(tmp_path):
     assert (f"the evaluations in {tmp_path / 'kl10' / 'eval'} and {tmp_path / 'baseline' / 'eval'} are not of the "
             "same test images") in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_study_in_progress_lists_the_rows_not_measured_yet(tmp_path):
+    write_evaluation(tmp_path / "study" / "baseline" / "students" / "b_mtard" / "eval", BASELINE)
+    write_evaluation(tmp_path / "study" / "kl10" / "students" / "b_mtard" / "eval", VARIANT)
+    pending = {**ROW, "label": "RSLAD, kl_scale 10", "eval_dir": "kl10/students/rslad/eval"}
+    spec = write_spec(tmp_path / "study" / "spec.json", [ROW, pending])
+    with pytest.raises(UserError, match="rslad/eval/report.json does not exist"):  # a missing file is an error...
+        factor_tables.factor_tables(spec, str(tmp_path / "out"))
+    result = factor_tables.factor_tables(spec, str(tmp_path / "out"), allow_pending=True)  # ...unless allowed
+    (factor,) = result["factors"]
+    assert factor["pending"] == ["RSLAD, kl_scale 10"]
+    assert [variant["label"] for variant in factor["groups"][0]["variants"]] == ["B-MTARD, kl_scale 10"]
+    assert "Not measured yet: RSLAD, kl_scale 10." in (tmp_path / "out" / "factors.md").read_text()

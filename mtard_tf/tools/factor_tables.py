@@ -1,5 +1,5 @@
 """Tables of a factor study from evaluations already written: python -m mtard_tf.tools.factor_tables --spec=FILE
---output_dir=DIR.
+--output_dir=DIR [--allow_pending].
 
 A factor study varies one thing at a time (the loss scale, the teachers, the budget) and compares each variant's
 student with the student it varies, its baseline, on the same test images. The spec is a JSON file:
@@ -22,6 +22,9 @@ which pairs the two models image by image. Into DIR:
     factors.json  the same numbers
     factors.png   clean accuracy against the strongest attack's, a panel per factor: a point per baseline and a
                   labelled arrow from it to each of its variants
+
+A study that runs over several sittings is tabled as it goes with --allow_pending: the rows whose evaluations are not
+written yet are named under "Not measured yet" rather than stopping the command.
 """
 
 import json
@@ -45,6 +48,9 @@ def define_flags(flag_values=FLAGS):
                         "relative to the spec's directory.", flag_values=flag_values)
     flags.DEFINE_string("output_dir", None, "Where to write factors.md, factors.json and factors.png.",
                         flag_values=flag_values)
+    flags.DEFINE_boolean("allow_pending", False, "A study in progress: a row whose evaluation or whose baseline's "
+                         "is not written yet (no report.json) is listed under 'Not measured yet' instead of stopping "
+                         "the command.", flag_values=flag_values)
     flags.mark_flags_as_required(["spec", "output_dir"], flag_values=flag_values)
 
 
@@ -157,11 +163,24 @@ def factor_table(factor):
     return {"name": factor["name"], "question": factor["question"], "attack": attack, "groups": list(groups.values())}
 
 
-def factor_tables(spec_path, output_dir):
+def _measured(row):
+    return all(os.path.isfile(os.path.join(row[key], "report.json")) for key in ("eval_dir", "baseline"))
+
+
+def factor_tables(spec_path, output_dir, allow_pending=False):
     """Reads the spec (read_spec) and the evaluations it names; writes factors.md, factors.json and factors.png
-    into `output_dir`. Returns the content of factors.json."""
+    into `output_dir`. Returns the content of factors.json.
+
+    allow_pending: rows whose evaluation or baseline has no report.json yet are left out of the numbers and listed
+    as each factor's "pending" (a study in progress); without it they are an error like any missing file."""
     spec = read_spec(spec_path)
-    tables = [factor_table(factor) for factor in spec["factors"]]  # every file checked before anything is written
+    tables = []
+    for factor in spec["factors"]:  # every file checked before anything is written
+        rows = [row for row in factor["rows"] if not allow_pending or _measured(row)]
+        table = (factor_table({**factor, "rows": rows}) if rows else
+                 {"name": factor["name"], "question": factor["question"], "attack": None, "groups": []})
+        table["pending"] = [row["label"] for row in factor["rows"] if row not in rows]
+        tables.append(table)
     result = {"title": spec["title"], "spec": os.path.abspath(spec_path), "factors": tables,
               "confidence_interval": "95% Wilson score interval",
               "test": "two-sided exact McNemar test against the baseline, paired over the same test images",
@@ -192,10 +211,14 @@ def format_markdown(result):
              "two-sided exact McNemar test paired over the same images, (x vs y): images only the variant / only "
              f"the baseline gets right; in bold p < {level:g}. Training: the student's training wall time."]
     for factor in result["factors"]:
-        attack = DISPLAY_NAMES.get(factor["attack"], factor["attack"])
-        sizes = sorted({e["num_examples"] for g in factor["groups"] for e in [g["baseline"], *g["variants"]]})
         lines += ["", f"## {factor['name']}", ""]
         lines += [factor["question"], ""] if factor["question"] else []
+        if factor.get("pending"):
+            lines += ["Not measured yet: " + "; ".join(factor["pending"]) + ".", ""]
+        if not factor["groups"]:
+            continue
+        attack = DISPLAY_NAMES.get(factor["attack"], factor["attack"])
+        sizes = sorted({e["num_examples"] for g in factor["groups"] for e in [g["baseline"], *g["variants"]]})
         lines += [f"{' or '.join(map(str, sizes))} test images; strongest attack: {attack}.", "",
                   f"| Model | Varies | Clean | {attack} | W-Robust | Δ Clean | Δ {attack} | Training |",
                   "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -227,7 +250,7 @@ def plot_factors(result, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    factors = result["factors"]
+    factors = [factor for factor in result["factors"] if factor["groups"]]
     columns = min(len(factors), 3)
     rows = -(-len(factors) // columns)
     figure, panels = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.4 * rows), dpi=120, squeeze=False)
@@ -258,7 +281,7 @@ def main(argv):
     del argv  # startup.parse_flags refuses positional arguments
     verbose = FLAGS["verbosity"].present
     startup.start_tensorflow(verbose)  # the evaluation's per-image files are read by a module that imports it
-    factor_tables(FLAGS.spec, FLAGS.output_dir)  # a UserError is one line (startup.run_app)
+    factor_tables(FLAGS.spec, FLAGS.output_dir, FLAGS.allow_pending)  # a UserError is one line (startup.run_app)
     print("written: " + ", ".join(os.path.join(FLAGS.output_dir, name)
                                   for name in ("factors.md", "factors.json", "factors.png")))
     return 0
