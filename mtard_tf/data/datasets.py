@@ -17,7 +17,9 @@ tf.data map. `add_array_record` writes those files beside a prepared dataset's t
 
 Evaluation uses the dataset's test split, or its validation split where it has none (Tiny-ImageNet, whose test
 images carry no labels). Datasets built from files the user downloads (tfds' manual datasets, e.g. `tiny_imagenet`,
-registered by importing mtard_tf.data.tiny_imagenet) are built from the manual directory on first use.
+registered by importing mtard_tf.data.tiny_imagenet) are built from the manual directory on first use, and a folder of
+the user's labelled images (`folder:PATH`, an ImageFolderSource: mtard_tf.data.image_folder) is prepared from the
+folder on first use; every function here takes either kind of name.
 """
 
 import atexit
