@@ -22,12 +22,12 @@ KEEP=(\( -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 
       ! -path '*/selection/*' ! -name 'student_last.*')
 PARTIAL=(-path '*/checkpoints/*' -o -path '*/selection/*' -o -path '*/tensorboard/*')
 
-copy_files() {  # source dir, target dir, find filters...: copies the matching files that the target lacks
+copy_files() {  # source dir, target dir, find filters...: copies the matching files (COPY: cp's options)
   local source=$1 target=$2; shift 2
   [ -d "$source" ] || return 0
   (cd "$source" && find . -type f \( "$@" \) | sort) | while read -r file; do
     mkdir -p "$target/$(dirname "$file")"
-    cp -n "$source/$file" "$target/$file"
+    cp "${COPY:--n}" "$source/$file" "$target/$file"
   done
 }
 restore() {  # kept row dir, study row dir: models first, then what is derived from them (reuse checks mtimes)
@@ -57,7 +57,8 @@ unfinished_runs() {  # training directories with checkpoints whose model is not 
   done
 }
 
-if [ "${1:-}" = keep ]; then
+if [ "${1:-}" = keep ]; then  # the study's files are the newest: a comparison rewritten since is copied again
+  COPY=-f
   for row in "$STUDY"/*/; do
     copy_files "$row" "$KEPT/$(basename "$row")" "${KEEP[@]}"
   done
