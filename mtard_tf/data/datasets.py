@@ -126,7 +126,7 @@ def _prepare_folder(builder):
     counts = ", ".join(f"{len(files)} {split}" for split, files in builder.files.items())
     held_out = (f"; no test/ or val/ folder, so {source.test_fraction:g} of each class's train images (seed "
                 f"{image_folder.HOLDOUT_SEED}) are the test split"
-                if not any(os.path.isdir(os.path.join(source.path, f)) for f in ("test", "val")) else "")
+                if not image_folder.has_evaluation_folder(source.path) else "")
     size = (f"resized to {height}x{width} ({image_folder.RESIZE_METHOD} with antialiasing)" if source.image_size
             else f"{height}x{width}")
     print(f"dataset '{source}': first use, preparing {len(builder.class_names)} classes ({counts} images, {size}, "

@@ -51,6 +51,12 @@ def _images_below(directory):
     return found
 
 
+def has_evaluation_folder(root):
+    """Whether the folder has a test/ or val/ folder; without one, scan holds a fraction of train/ out as the test
+    split."""
+    return any(os.path.isdir(os.path.join(root, folder)) for folder, split in SPLIT_FOLDERS if split != "train")
+
+
 def _class_folders(split_dir):
     return sorted(name for name in os.listdir(split_dir) if os.path.isdir(os.path.join(split_dir, name)))
 
@@ -88,7 +94,7 @@ def scan(source):
                 raise FolderError(f"{class_dir} has no images ({', '.join(IMAGE_SUFFIXES)} files)")
             files += [(path, labels[name]) for path in images]
         splits[split] = files
-    if "test" not in splits and "validation" not in splits:
+    if not has_evaluation_folder(root):
         splits["train"], splits["test"] = _hold_out(splits["train"], len(classes), source.test_fraction)
     return tuple(classes), splits
 
