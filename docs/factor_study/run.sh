@@ -5,6 +5,7 @@
 #   bash docs/factor_study/run.sh            # from the repository root; STUDY_DIR, DATA_DIR override the defaults
 #   bash docs/factor_study/run.sh keep       # copy the finished models and evaluations into docs/factor_study/kept
 #   bash docs/factor_study/run.sh strong     # only the teacher-strength rows (a second process may run them)
+#   bash docs/factor_study/run.sh others     # every row but the teacher-strength ones (beside `strong`)
 # What an earlier sitting finished and kept (docs/factor_study/kept/<row>/, same layout as the study's directories)
 # is copied in first, so a sitting on another machine does not train or evaluate it again.
 set -u
@@ -88,8 +89,9 @@ step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades
 # Teacher strength: the same clean teacher, a robust teacher trained 12 epochs instead of 3, the same students.
-strong_teacher
-# Budget: 3x the steps (flags/variants/long.cfg); B-MTARD at the loss scale that won above (BMTARD_LONG).
+[ "${1:-}" = others ] || strong_teacher
+# Budget: 3x the steps. The distillation methods at the loss scale that won above for both of them, 10
+# (flags/variants/kl10_long.cfg, compared with their @kl10 rows), SAT with flags/variants/long.cfg.
 step "--model_dir=$STUDY/baseline" \
-  "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,${BMTARD_LONG:-b_mtard@long},sat@long,rslad@long"
+  "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,b_mtard@kl10_long,sat@long,rslad@kl10_long"
 echo "=== done"
