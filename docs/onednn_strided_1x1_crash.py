@@ -7,7 +7,8 @@ stride 2 corrupts memory on inputs of 56x56 and more with few channels (here 4 i
 Measured on TF 2.21 CPU wheels (2-core AMD EPYC with AVX512): crashes for even sizes 56-128 with 1-8 input
 channels and 2-16 output channels; runs for 48x48, odd sizes (63), 12 -> 24 or 16 -> 32 channels, 4 -> 64 channels,
 3x3 kernels, 1x1 of stride 1; Conv2DBackpropInput of the same shapes runs. mtard_tf's models avoid the op (a strided
-1x1 convolution is built as a subsample followed by a 1x1 convolution of stride 1: mtard_tf/models.py).
+1x1 convolution is built as a subsample followed by a 1x1 convolution of stride 1: mtard_tf/models/architectures.py;
+a model a user brings is repaired by mtard_tf/models/pointwise_strides.py).
 """
 
 import tensorflow as tf

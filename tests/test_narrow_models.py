@@ -71,8 +71,9 @@ def test_dm_wrn_refuses_sizes_its_padding_cannot_add(size):
         architectures.build_model("dm_wrn:depth=10,width=1", 10, (size, size, 3))
 
 
-# A user's own models with a strided 1x1 convolution (the crash's op) on 64x64 images, trained through the trainers:
-# Trainer repairs them in place (models/pointwise_strides.py).
+# A user's own models with a strided convolution of a 1x1 kernel (the crash's ops) on 64x64 images, trained through
+# the trainers: Trainer repairs them in place (models/pointwise_strides.py). The grey-image model's depthwise and
+# separable layers see one channel, where their oneDNN filter gradient crashes.
 USER_SCRIPT = """
 import json
 import keras, numpy as np
@@ -91,12 +92,16 @@ inputs = keras.Input((64, 64, 3))
 x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
 x = keras.layers.Conv2D(8, 1, strides=2, padding="same")(x)
 functional = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
-for name, model in (("functional", functional), ("subclassed", Subclassed())):
+grey = keras.Input((64, 64, 1))
+x = keras.layers.Concatenate()([keras.layers.DepthwiseConv2D(1, strides=2, depth_multiplier=4)(grey),
+                                keras.layers.SeparableConv2D(4, 1, strides=2, padding="same")(grey)])
+depthwise = keras.Model(grey, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
+for name, model, channels in (("functional", functional, 3), ("subclassed", Subclassed(), 3), ("depthwise", depthwise, 1)):
     trainer = baselines.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
-    history = trainer.fit(rng.uniform(size=(8, 64, 64, 3)).astype("float32"), rng.integers(0, 10, 8), batch_size=4,
-                          epochs=2, verbose=0)
+    images = rng.uniform(size=(8, 64, 64, channels)).astype("float32")
+    history = trainer.fit(images, rng.integers(0, 10, 8), batch_size=4, epochs=2, verbose=0)
     print(json.dumps([name, history.history["loss"]]), flush=True)
 """
 
@@ -106,29 +111,66 @@ def test_users_models_with_a_strided_1x1_convolution_train_on_64x64_images():
                             timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
     trained = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
-    assert [name for name, _ in trained] == ["functional", "subclassed"]
+    assert [name for name, _ in trained] == ["functional", "subclassed", "depthwise"]
     assert all(losses and np.isfinite(losses).all() for _, losses in trained)
 
 
-@pytest.mark.parametrize("size,padding", [(33, "valid"), (34, "same"), (35, "same")])
-def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(size, padding):
+def _strided_pointwise_layers():
+    """(layer factory, input shape) of every kind of layer the repair takes, odd and even sizes, both paddings."""
+    import keras
+    layers = keras.layers
+    return [
+        (lambda: layers.Conv1D(3, 1, strides=2, padding="causal"), (2, 35, 4)),
+        (lambda: layers.Conv2D(3, 1, strides=2, padding="valid", bias_initializer="ones"), (2, 33, 33, 4)),
+        (lambda: layers.Conv2D(3, 1, strides=2, padding="same", bias_initializer="ones"), (2, 34, 34, 4)),
+        (lambda: layers.Conv2D(3, 1, strides=(2, 3), padding="same", bias_initializer="ones"), (2, 35, 34, 4)),
+        (lambda: layers.Conv2D(3, 1, strides=2, data_format="channels_first"), (2, 4, 35, 35)),
+        (lambda: layers.Conv3D(3, 1, strides=2), (2, 5, 9, 9, 2)),
+        (lambda: layers.DepthwiseConv1D(1, strides=2, depth_multiplier=2, bias_initializer="ones"), (2, 34, 3)),
+        (lambda: layers.DepthwiseConv2D(1, strides=2, depth_multiplier=2, use_bias=True, bias_initializer="ones",
+                                        activation="tanh"), (2, 33, 33, 3)),
+        (lambda: layers.DepthwiseConv2D(1, strides=2, padding="same", data_format="channels_first",
+                                        bias_initializer="ones"), (2, 3, 34, 34)),
+        (lambda: layers.SeparableConv1D(4, 1, strides=3, padding="same", bias_initializer="ones"), (2, 35, 3)),
+        (lambda: layers.SeparableConv2D(4, 1, strides=2, padding="same", bias_initializer="ones",
+                                        activation="relu"), (2, 34, 34, 1)),
+        (lambda: layers.SeparableConv2D(4, 1, strides=2, data_format="channels_first"), (2, 3, 33, 33)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(12))
+def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(index):
     import keras
     from mtard_tf.models import pointwise_strides
-    layer = keras.layers.Conv2D(3, 1, strides=2, padding=padding, use_bias=True, bias_initializer="ones")
-    inputs = tf.random.normal([2, size, size, 4], seed=2)
+    make_layer, shape = _strided_pointwise_layers()[index]
+    inputs = tf.random.normal(shape, seed=2)
+    reference, layer = make_layer(), make_layer()
+    reference(inputs)
     layer(inputs)
+    layer.set_weights(reference.get_weights())
     config = layer.get_config()
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(inputs)
-        expected = tf.nn.conv2d(inputs, layer.kernel, strides=2, padding=padding.upper()) + layer.bias
-    model = keras.Sequential([keras.Input((size, size, 4)), layer])
+        expected = reference(inputs)
+    model = keras.Sequential([keras.Input(shape[1:]), layer])
     assert pointwise_strides.subsample_strided_pointwise_convs(model) == [layer.name]
     assert pointwise_strides.subsample_strided_pointwise_convs(model) == []  # once
     with tf.GradientTape(persistent=True) as repaired_tape:
         repaired_tape.watch(inputs)
-        outputs = model(inputs)  # through Keras' call: fails if Keras stops calling convolution_op
+        outputs = model(inputs)  # through Keras' __call__: fails if Keras stops calling the repaired method
     np.testing.assert_allclose(outputs.numpy(), expected.numpy(), atol=1e-5)
-    for source in (inputs, layer.kernel):
+    for source, reference_source in [(inputs, inputs)] + list(zip(layer.trainable_weights,
+                                                                  reference.trainable_weights)):
         np.testing.assert_allclose(repaired_tape.gradient(outputs, source).numpy(),
-                                   tape.gradient(expected, source).numpy(), atol=1e-5)
-    assert layer.get_config() == config and layer.strides == (2, 2)  # saved as the layer it was
+                                   tape.gradient(expected, reference_source).numpy(), rtol=1e-5, atol=1e-5)
+    assert layer.get_config() == config  # saved as the layer it was
+
+
+def test_only_strided_convolutions_with_a_kernel_of_ones_are_repaired():
+    import keras
+    from mtard_tf.models import pointwise_strides
+    layers = keras.layers
+    untouched = [layers.Conv2D(3, 3, strides=2), layers.Conv2D(3, 1), layers.DepthwiseConv2D(3, strides=2),
+                 layers.SeparableConv2D(3, (1, 3), strides=2), layers.Conv2DTranspose(3, 1, strides=2),
+                 layers.MaxPooling2D(1, strides=2)]
+    assert not any(pointwise_strides.is_strided_pointwise(layer) for layer in untouched)

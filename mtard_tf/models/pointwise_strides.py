@@ -1,17 +1,21 @@
 """Keeps a user's model away from a native crash: strided 1x1 convolutions computed as a subsample and a 1x1
 convolution of stride 1.
 
-TensorFlow 2.21's oneDNN kernel for the filter gradient of a 1x1 convolution of stride 2 corrupts memory on narrow
-inputs (even sizes of 56 and more, a few channels): the process dies with a segfault or "malloc(): corrupted top
-size" during training (docs/onednn_strided_1x1_crash.py reproduces it; fine with TF_ENABLE_ONEDNN_OPTS=0, which must
-be set before TensorFlow starts). The registry's architectures avoid the op when they are built
-(models/architectures.py); a model a user brings is repaired here, in place, before it is trained.
+TensorFlow 2.21's oneDNN kernels for the filter gradient of a strided convolution with a kernel of ones corrupt
+memory on some shapes, and the process dies with a segfault or "malloc(): corrupted top size" during training
+(fine with TF_ENABLE_ONEDNN_OPTS=0, which must be set before TensorFlow starts). Seen for: Conv2D 1x1 of stride 2
+(Conv2DBackpropFilter) on even sizes of 56 and more with a few channels (docs/onednn_strided_1x1_crash.py); Conv1D
+of kernel 1 and stride 2 on sequences of 4096; DepthwiseConv2D and SeparableConv2D 1x1 of stride 2 on one input
+channel (DepthwiseConv2dNativeBackpropFilter) at even sizes from 48 (docs/reliability.md lists what was tried). The
+registry's architectures avoid these ops when they are built (models/architectures.py); a model a user brings is
+repaired here, in place, before it is trained.
 
-A 1x1 convolution of stride s reads only x[:, ::s, ::s] (with "same" or "valid" padding alike: a 1x1 kernel needs no
-padding), so each such keras.layers.Conv2D gets a convolution_op that subsamples, then convolves at stride 1: the
-same function of the same kernel, the layer, its name, its weights and its saved config unchanged (a saved model
-reloads as the plain Conv2D). The override is of an instance method that Keras' BaseConv.call calls;
-tests/test_narrow_models.py fails if Keras stops calling it.
+A convolution with a kernel of ones and stride s reads only every s-th position (x[:, ::s, ::s] in 2-D, with "same"
+or "valid" padding alike: such a kernel needs no padding), so each such layer computes its subsample convolved at
+stride 1: the same function of the same weights, the layer, its name, its weights and its saved config unchanged (a
+saved model reloads as the plain layer). Each such layer gets, as an instance method, a call that is its Keras
+call at stride 1 on the subsample (kernel, bias, activation); tests/test_narrow_models.py compares every kind of
+repaired layer with an unrepaired one, outputs and gradients, and fails if Keras' __call__ stops calling it.
 """
 
 import types
@@ -19,27 +23,49 @@ import types
 import keras
 from keras import ops
 
+CONVOLUTIONS = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D)
+DEPTHWISE_CONVOLUTIONS = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+SEPARABLE_CONVOLUTIONS = (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)
 
-def _subsampled_pointwise_conv(layer, inputs, kernel):
-    """Keras' BaseConv.convolution_op for a 1x1 kernel of stride (sh, sw): x[:, ::sh, ::sw] convolved at stride 1."""
-    stride_h, stride_w = layer.strides
+
+def _subsample(layer, inputs):
+    """Every layer.strides-th position of `inputs` along the spatial axes: x[:, ::sh, ::sw] in 2-D."""
+    every = slice(None)
+    steps = tuple(slice(None, None, stride) for stride in layer.strides)
     if layer.data_format == "channels_first":
-        inputs = inputs[:, :, ::stride_h, ::stride_w]
+        return inputs[(every, every) + steps]
+    return inputs[(every,) + steps + (every,)]
+
+
+def _subsampled_call(layer, inputs):
+    """The layer's Keras call for a kernel of ones and a stride: its subsample through the layer's kernel (depthwise
+    and pointwise kernels for a separable layer) at stride 1, plus its bias, through its activation."""
+    inputs = _subsample(layer, inputs)
+    convolution = dict(strides=1, padding="valid", dilation_rate=layer.dilation_rate, data_format=layer.data_format)
+    if isinstance(layer, SEPARABLE_CONVOLUTIONS):
+        outputs = ops.separable_conv(inputs, layer.depthwise_kernel, layer.pointwise_kernel, **convolution)
+    elif isinstance(layer, DEPTHWISE_CONVOLUTIONS):
+        outputs = ops.depthwise_conv(inputs, layer.kernel, **convolution)
     else:
-        inputs = inputs[:, ::stride_h, ::stride_w, :]
-    return ops.conv(inputs, kernel, strides=1, padding="valid", dilation_rate=layer.dilation_rate,
-                    data_format=layer.data_format)
+        outputs = ops.conv(inputs, layer.kernel, **convolution)
+    if layer.use_bias:
+        bias_shape = [1] * len(outputs.shape)
+        bias_shape[1 if layer.data_format == "channels_first" else -1] = -1
+        outputs = ops.add(outputs, ops.reshape(layer.bias, bias_shape))
+    return layer.activation(outputs) if layer.activation is not None else outputs
 
 
 def is_strided_pointwise(layer):
-    """A keras.layers.Conv2D with a 1x1 kernel and a stride above 1."""
-    return (isinstance(layer, keras.layers.Conv2D) and tuple(layer.kernel_size) == (1, 1)
-            and max(layer.strides) > 1 and tuple(layer.dilation_rate) == (1, 1))
+    """A convolution (Conv1D/2D/3D, DepthwiseConv1D/2D, SeparableConv1D/2D) with a kernel of ones (1, 1x1, 1x1x1) and
+    a stride above 1."""
+    return (isinstance(layer, CONVOLUTIONS + DEPTHWISE_CONVOLUTIONS + SEPARABLE_CONVOLUTIONS)
+            and set(layer.kernel_size) == {1} and max(layer.strides) > 1 and set(layer.dilation_rate) == {1})
 
 
 def subsample_strided_pointwise_convs(model):
-    """Gives every strided 1x1 Conv2D of `model` (functional, Sequential or subclassed, nested models included) the
-    subsample-then-convolve convolution_op, in place. Returns the names of the layers changed.
+    """Makes every strided convolution with a kernel of ones in `model` (functional, Sequential or subclassed,
+    nested models included) subsample and then convolve at stride 1, in place. Returns the names of the layers
+    changed (a layer already changed is left as it is).
 
     Example:
 
@@ -49,7 +75,7 @@ def subsample_strided_pointwise_convs(model):
     """
     changed = []
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        if is_strided_pointwise(layer) and "convolution_op" not in vars(layer):
-            layer.convolution_op = types.MethodType(_subsampled_pointwise_conv, layer)
+        if is_strided_pointwise(layer) and "call" not in vars(layer):
+            layer.call = types.MethodType(_subsampled_call, layer)
             changed.append(layer.name)
     return changed
