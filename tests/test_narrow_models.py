@@ -72,8 +72,8 @@ def test_dm_wrn_refuses_sizes_its_padding_cannot_add(size):
 
 
 # A user's own models with a strided convolution of a 1x1 kernel (the crash's ops) on 64x64 images, trained through
-# the trainers: Trainer repairs them in place (models/pointwise_strides.py). The grey-image model's depthwise and
-# separable layers see one channel, where their oneDNN filter gradient crashes.
+# the trainers: Trainer repairs them in place (models/pointwise_strides.py). The grey-image model's depthwise,
+# separable and transposed layers see one channel, where their oneDNN filter gradient crashes.
 USER_SCRIPT = """
 import json
 import keras, numpy as np
@@ -95,8 +95,10 @@ functional = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.GlobalAvera
 grey = keras.Input((64, 64, 1))
 x = keras.layers.Concatenate()([keras.layers.DepthwiseConv2D(1, strides=2, depth_multiplier=4)(grey),
                                 keras.layers.SeparableConv2D(4, 1, strides=2, padding="same")(grey)])
-depthwise = keras.Model(grey, keras.layers.Dense(10)(keras.layers.GlobalAveragePooling2D()(x)))
-for name, model, channels in (("functional", functional, 3), ("subclassed", Subclassed(), 3), ("depthwise", depthwise, 1)):
+up = keras.layers.Conv2DTranspose(4, 1, strides=2)(keras.layers.AveragePooling2D(2)(grey))
+x = keras.layers.Concatenate()([keras.layers.GlobalAveragePooling2D()(x), keras.layers.GlobalAveragePooling2D()(up)])
+grey_model = keras.Model(grey, keras.layers.Dense(10)(x))
+for name, model, channels in (("functional", functional, 3), ("subclassed", Subclassed(), 3), ("grey", grey_model, 1)):
     trainer = baselines.AdversarialTrainer(model, method="pgd_at", attack_steps=2, eval_attack_steps=0)
     trainer.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
     rng = np.random.default_rng(0)
@@ -111,7 +113,7 @@ def test_users_models_with_a_strided_1x1_convolution_train_on_64x64_images():
                             timeout=600, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr[-3000:]}"
     trained = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("[")]
-    assert [name for name, _ in trained] == ["functional", "subclassed", "depthwise"]
+    assert [name for name, _ in trained] == ["functional", "subclassed", "grey"]
     assert all(losses and np.isfinite(losses).all() for _, losses in trained)
 
 
@@ -135,10 +137,17 @@ def _strided_pointwise_layers():
         (lambda: layers.SeparableConv2D(4, 1, strides=2, padding="same", bias_initializer="ones",
                                         activation="relu"), (2, 34, 34, 1)),
         (lambda: layers.SeparableConv2D(4, 1, strides=2, data_format="channels_first"), (2, 3, 33, 33)),
+        (lambda: layers.Conv1DTranspose(3, 1, strides=3, bias_initializer="ones"), (2, 9, 4)),
+        (lambda: layers.Conv2DTranspose(3, 1, strides=2, padding="same", activation="relu"), (2, 9, 8, 4)),
+        (lambda: layers.Conv2DTranspose(3, 1, strides=(3, 2), output_padding=(1, 0), bias_initializer="ones"),
+         (2, 7, 8, 4)),
+        (lambda: layers.Conv2DTranspose(2, 1, strides=2, padding="same", output_padding=1,
+                                        data_format="channels_first"), (2, 3, 7, 7)),
+        (lambda: layers.Conv3DTranspose(2, 1, strides=2), (2, 3, 4, 5, 2)),
     ]
 
 
-@pytest.mark.parametrize("index", range(12))
+@pytest.mark.parametrize("index", range(17))
 def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(index):
     import keras
     from mtard_tf.models import pointwise_strides
@@ -171,6 +180,6 @@ def test_only_strided_convolutions_with_a_kernel_of_ones_are_repaired():
     from mtard_tf.models import pointwise_strides
     layers = keras.layers
     untouched = [layers.Conv2D(3, 3, strides=2), layers.Conv2D(3, 1), layers.DepthwiseConv2D(3, strides=2),
-                 layers.SeparableConv2D(3, (1, 3), strides=2), layers.Conv2DTranspose(3, 1, strides=2),
-                 layers.MaxPooling2D(1, strides=2)]
+                 layers.SeparableConv2D(3, (1, 3), strides=2), layers.Conv2DTranspose(3, 2, strides=2),
+                 layers.Conv2DTranspose(3, 1), layers.MaxPooling2D(1, strides=2)]
     assert not any(pointwise_strides.is_strided_pointwise(layer) for layer in untouched)
