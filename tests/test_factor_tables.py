@@ -143,3 +143,23 @@ def test_a_study_in_progress_lists_the_rows_not_measured_yet(tmp_path):
     assert factor["pending"] == ["RSLAD, kl_scale 10"]
     assert [variant["label"] for variant in factor["groups"][0]["variants"]] == ["B-MTARD, kl_scale 10"]
     assert "Not measured yet: RSLAD, kl_scale 10." in (tmp_path / "out" / "factors.md").read_text()
+
+
+def test_a_factor_marked_figure_false_is_tabled_but_not_drawn(tmp_path):
+    write_evaluation(tmp_path / "study" / "baseline" / "students" / "b_mtard" / "eval", BASELINE)
+    write_evaluation(tmp_path / "study" / "kl10" / "students" / "b_mtard" / "eval", VARIANT)
+    spec = write_spec(tmp_path / "study" / "spec.json", [ROW], figure=False)
+    result = factor_tables.factor_tables(spec, str(tmp_path / "out"))
+    (factor,) = result["factors"]
+    assert factor["figure"] is False and factor["groups"]  # in the tables...
+    assert factor_tables.plotted_factors(result) == []  # ...not in the figure, which has nothing to draw
+    assert "| B-MTARD, kl_scale 10 | kl_scale 1 -> 10 |" in (tmp_path / "out" / "factors.md").read_text()
+    assert not (tmp_path / "out" / "factors.png").exists()
+    result = factor_tables.factor_tables(write_spec(tmp_path / "study" / "spec.json", [ROW]), str(tmp_path / "out"))
+    assert factor_tables.plotted_factors(result) == result["factors"] and (tmp_path / "out" / "factors.png").exists()
+    factor_tables.factor_tables(write_spec(tmp_path / "study" / "spec.json", [ROW], figure=False),
+                                str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "factors.png").exists()  # not left from the run before
+    with pytest.raises(UserError, match=r'factor 1 \(loss scale\): "figure" must be true or false, not \'no\''):
+        factor_tables.factor_tables(write_spec(tmp_path / "study" / "spec.json", [ROW], figure="no"),
+                                    str(tmp_path / "out"))

@@ -9,8 +9,9 @@ student with the student it varies, its baseline, on the same test images. The s
          "baseline": "baseline/students/b_mtard/eval", "varies": "kl_scale 1 -> 10"}, ...]}, ...]}
 
 with the evaluation directories (report.json and per_image.npz, as `mtard_tf.main` and `mtard_tf.reproduce` write
-them) relative to the spec's directory; "title", "question", "varies" and a row's "baseline_label" (the baseline's
-row label, default: its eval_dir as written) are optional. Each factor is reported on clean images and under its
+them) relative to the spec's directory; "title", "question", "varies", a row's "baseline_label" (the baseline's
+row label, default: its eval_dir as written) and a factor's "figure" (false: a table only, no panel in factors.png,
+e.g. for comparisons across methods rather than a factor's levels) are optional. Each factor is reported on clean images and under its
 strongest attack (the strongest one any of its evaluations has, AutoAttack when there; every evaluation of the
 factor must have it), and W-Robust = (clean + strongest) / 2. A variant and its baseline must be evaluations of the
 same images (equal labels): each accuracy difference is tested by the exact McNemar test on the per-image flags,
@@ -21,7 +22,7 @@ which pairs the two models image by image. Into DIR:
                   (train_seconds of the student.json beside the eval directory, when there)
     factors.json  the same numbers
     factors.png   clean accuracy against the strongest attack's, a panel per factor: a point per baseline and a
-                  labelled arrow from it to each of its variants
+                  labelled arrow from it to each of its variants (not written while no factor has one to draw)
 
 A study that runs over several sittings is tabled as it goes with --allow_pending: the rows whose evaluations are not
 written yet are named under "Not measured yet" rather than stopping the command.
@@ -78,8 +79,8 @@ def _entries(entry, key, where):
 
 
 def read_spec(path):
-    """The spec at `path` as {"title", "factors": [{"name", "question", "rows": [{"label", "eval_dir", "baseline",
-    "baseline_label", "varies"}]}]}, the directories made absolute (relative ones are the spec directory's).
+    """The spec at `path` as {"title", "factors": [{"name", "question", "figure", "rows": [{"label", "eval_dir",
+    "baseline", "baseline_label", "varies"}]}]}, the directories made absolute (relative ones are the spec directory's).
     UserError naming the spec and the entry for a file that is not JSON or an entry missing."""
     try:
         with open(path) as f:
@@ -102,7 +103,11 @@ def read_spec(path):
                               "baseline": os.path.join(base, baseline),
                               "baseline_label": _text(row, "baseline_label", row_where, required=False) or baseline,
                               "varies": _text(row, "varies", row_where, required=False)})
-        read.append({"name": name, "question": _text(factor, "question", where, required=False), "rows": read_rows})
+        figure = factor.get("figure", True)
+        if not isinstance(figure, bool):
+            raise UserError(f"{where} ({name}): \"figure\" must be true or false, not {figure!r}")
+        read.append({"name": name, "question": _text(factor, "question", where, required=False), "rows": read_rows,
+                     "figure": figure})
     return {"title": _text(spec, "title", f"--spec={path}", required=False) or "Factor tables", "factors": read}
 
 
@@ -180,6 +185,7 @@ def factor_tables(spec_path, output_dir, allow_pending=False):
         table = (factor_table({**factor, "rows": rows}) if rows else
                  {"name": factor["name"], "question": factor["question"], "attack": None, "groups": []})
         table["pending"] = [row["label"] for row in factor["rows"] if row not in rows]
+        table["figure"] = factor["figure"]
         tables.append(table)
     result = {"title": spec["title"], "spec": os.path.abspath(spec_path), "factors": tables,
               "confidence_interval": "95% Wilson score interval",
@@ -243,14 +249,24 @@ def _point(evaluation, attack):
     return 100 * evaluation["accuracy"][attack], 100 * evaluation["accuracy"]["clean"]
 
 
+def plotted_factors(result):
+    """The factors of factors.png: those with a measured row and not marked "figure": false."""
+    return [factor for factor in result["factors"] if factor["groups"] and factor["figure"]]
+
+
 def plot_factors(result, path):
     """factors.png: clean accuracy (y) against the factor's strongest attack's (x), a panel per factor; a point
-    per baseline and an arrow from it to each of its variants, labelled; atomic."""
+    per baseline and an arrow from it to each of its variants, labelled; atomic. With no factor to draw (nothing
+    measured yet, or every factor "figure": false) no file, and an earlier one at `path` is removed."""
+    factors = plotted_factors(result)
+    if not factors:
+        if os.path.exists(path):
+            os.remove(path)
+        return None
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    factors = [factor for factor in result["factors"] if factor["groups"]]
     columns = min(len(factors), 3)
     rows = -(-len(factors) // columns)
     figure, panels = plt.subplots(rows, columns, figsize=(5.2 * columns, 4.4 * rows), dpi=120, squeeze=False)
