@@ -94,4 +94,8 @@ step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rsla
 # (flags/variants/kl10_long.cfg, compared with their @kl10 rows), SAT with flags/variants/long.cfg.
 step "--model_dir=$STUDY/baseline" \
   "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,b_mtard@kl10_long,sat@long,rslad@kl10_long"
+# A second seed where a difference is within twice its interval's half-width: MTARD against B-MTARD at kl_scale 10
+# (the same teachers, copied; its comparison in seed1/).
+copy_teachers "$STUDY/baseline" "$STUDY/seed1" both
+step "--model_dir=$STUDY/seed1" --seeds=1 --methods=b_mtard@kl10,mtard@kl10
 echo "=== done"
