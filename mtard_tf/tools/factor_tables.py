@@ -11,11 +11,11 @@ student with the student it varies, its baseline, on the same test images. The s
 with the evaluation directories (report.json and per_image.npz, as `mtard_tf.main` and `mtard_tf.reproduce` write
 them) relative to the spec's directory; "title", "question", "varies", a row's "baseline_label" (the baseline's
 row label, default: its eval_dir as written) and a factor's "figure" (false: a table only, no panel in factors.png,
-e.g. for comparisons across methods rather than a factor's levels) are optional. Each factor is reported on clean images and under its
-strongest attack (the strongest one any of its evaluations has, AutoAttack when there; every evaluation of the
-factor must have it), and W-Robust = (clean + strongest) / 2. A variant and its baseline must be evaluations of the
-same images (equal labels): each accuracy difference is tested by the exact McNemar test on the per-image flags,
-which pairs the two models image by image. Into DIR:
+e.g. for comparisons across methods rather than a factor's levels) are optional. Each factor is reported on clean
+images and under its strongest attack (the strongest one any of its evaluations has, AutoAttack when there; every
+evaluation of the factor must have it), and W-Robust = (clean + strongest) / 2. A variant and its baseline must
+be evaluations of the same images (equal labels): each accuracy difference is tested by the exact McNemar test on
+the per-image flags, which pairs the two models image by image. Into DIR:
 
     factors.md    one table per factor: the baseline, then each of its variants; accuracy (%) [95% Wilson interval],
                   W-Robust, the difference to the baseline in points with its McNemar p-value, the training time
@@ -80,7 +80,8 @@ def _entries(entry, key, where):
 
 def read_spec(path):
     """The spec at `path` as {"title", "factors": [{"name", "question", "figure", "rows": [{"label", "eval_dir",
-    "baseline", "baseline_label", "varies"}]}]}, the directories made absolute (relative ones are the spec directory's).
+    "baseline", "baseline_label", "varies"}]}]}, the directories made absolute (relative ones are the spec
+    directory's).
     UserError naming the spec and the entry for a file that is not JSON or an entry missing."""
     try:
         with open(path) as f:
