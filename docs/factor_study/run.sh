@@ -8,7 +8,9 @@
 #   bash docs/factor_study/run.sh others     # every row but the teacher-strength ones (beside `strong`)
 #   bash docs/factor_study/run.sh wide       # only the wide teacher's rows
 # What an earlier sitting finished and kept (docs/factor_study/kept/<row>/, same layout as the study's directories)
-# is copied in first, so a sitting on another machine does not train or evaluate it again.
+# is copied in first, so a sitting on another machine does not train or evaluate it again. An unfinished training's
+# checkpoints stay in STUDY_DIR, out of the repository (a training's state is megabytes per checkpoint): a sitting
+# with the same STUDY_DIR resumes it, one without it trains it from the start.
 set -u
 cd "$(dirname "$0")/../.."
 STUDY=${STUDY_DIR:-runs/factor_study}
@@ -22,7 +24,6 @@ COMMON=(--flagfile=flags/cpu_small.cfg --dataset=cifar10 "--data_dir=$DATA" --no
 KEEP=(\( -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json' -o -name report.json
       -o -name report.md -o -name per_image.npz -o -name balance.png -o -name 'comparison.*' -o -name tradeoff.png \)
       ! -path '*/selection/*' ! -name 'student_last.*')
-PARTIAL=(-path '*/checkpoints/*' -o -path '*/selection/*' -o -path '*/tensorboard/*')
 
 copy_files() {  # source dir, target dir, find filters...: copies the matching files (COPY: cp's options)
   local source=$1 target=$2; shift 2
@@ -33,7 +34,6 @@ copy_files() {  # source dir, target dir, find filters...: copies the matching f
   done
 }
 restore() {  # kept row dir, study row dir: models first, then what is derived from them (reuse checks mtimes)
-  copy_files "$1" "$2" "${PARTIAL[@]}"
   copy_files "$1" "$2" -name '*.keras' -o -name 'student.json' -o -name 'clean.json' -o -name 'robust.json'
   copy_files "$1" "$2" -path '*/eval/*'
   copy_files "$1" "$2" -name balance.png
@@ -52,23 +52,10 @@ step() {
   echo "=== $(date -u +%FT%TZ) rc=$? $*"
 }
 
-unfinished_runs() {  # training directories with checkpoints whose model is not written yet
-  find "$STUDY" -type d -name checkpoints | while read -r checkpoints; do
-    run=$(dirname "$checkpoints")
-    [ -f "$run/student.keras" ] || [ -f "$run.keras" ] || echo "$run"
-  done
-}
-
 if [ "${1:-}" = keep ]; then  # the study's files are the newest: a comparison rewritten since is copied again
   COPY=-f
   for row in "$STUDY"/*/; do
     copy_files "$row" "$KEPT/$(basename "$row")" "${KEEP[@]}"
-  done
-  # An interrupted training keeps its checkpoints, model selection and logs, so the next sitting resumes it.
-  unfinished_runs | while read -r run; do
-    relative=${run#"$STUDY"/}
-    rm -rf "${KEPT:?}/$relative"
-    copy_files "$run" "$KEPT/$relative" "${PARTIAL[@]}"
   done
   exit 0
 fi
