@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -117,41 +118,37 @@ def test_users_models_with_a_strided_1x1_convolution_train_on_64x64_images():
     assert all(losses and np.isfinite(losses).all() for _, losses in trained)
 
 
-def _strided_pointwise_layers():
-    """(layer factory, input shape) of every kind of layer the repair takes, odd and even sizes, both paddings."""
-    import keras
-    layers = keras.layers
-    return [
-        (lambda: layers.Conv1D(3, 1, strides=2, padding="causal"), (2, 35, 4)),
-        (lambda: layers.Conv2D(3, 1, strides=2, padding="valid", bias_initializer="ones"), (2, 33, 33, 4)),
-        (lambda: layers.Conv2D(3, 1, strides=2, padding="same", bias_initializer="ones"), (2, 34, 34, 4)),
-        (lambda: layers.Conv2D(3, 1, strides=(2, 3), padding="same", bias_initializer="ones"), (2, 35, 34, 4)),
-        (lambda: layers.Conv2D(3, 1, strides=2, data_format="channels_first"), (2, 4, 35, 35)),
-        (lambda: layers.Conv3D(3, 1, strides=2), (2, 5, 9, 9, 2)),
-        (lambda: layers.DepthwiseConv1D(1, strides=2, depth_multiplier=2, bias_initializer="ones"), (2, 34, 3)),
-        (lambda: layers.DepthwiseConv2D(1, strides=2, depth_multiplier=2, use_bias=True, bias_initializer="ones",
-                                        activation="tanh"), (2, 33, 33, 3)),
-        (lambda: layers.DepthwiseConv2D(1, strides=2, padding="same", data_format="channels_first",
-                                        bias_initializer="ones"), (2, 3, 34, 34)),
-        (lambda: layers.SeparableConv1D(4, 1, strides=3, padding="same", bias_initializer="ones"), (2, 35, 3)),
-        (lambda: layers.SeparableConv2D(4, 1, strides=2, padding="same", bias_initializer="ones",
-                                        activation="relu"), (2, 34, 34, 1)),
-        (lambda: layers.SeparableConv2D(4, 1, strides=2, data_format="channels_first"), (2, 3, 33, 33)),
-        (lambda: layers.Conv1DTranspose(3, 1, strides=3, bias_initializer="ones"), (2, 9, 4)),
-        (lambda: layers.Conv2DTranspose(3, 1, strides=2, padding="same", activation="relu"), (2, 9, 8, 4)),
-        (lambda: layers.Conv2DTranspose(3, 1, strides=(3, 2), output_padding=(1, 0), bias_initializer="ones"),
-         (2, 7, 8, 4)),
-        (lambda: layers.Conv2DTranspose(2, 1, strides=2, padding="same", output_padding=1,
-                                        data_format="channels_first"), (2, 3, 7, 7)),
-        (lambda: layers.Conv3DTranspose(2, 1, strides=2), (2, 3, 4, 5, 2)),
-    ]
+# (layer factory, input shape) of every kind of layer the repair takes, odd and even sizes, both paddings.
+layers = keras.layers
+STRIDED_POINTWISE_LAYERS = [
+    (lambda: layers.Conv1D(3, 1, strides=2, padding="causal"), (2, 35, 4)),
+    (lambda: layers.Conv2D(3, 1, strides=2, padding="valid", bias_initializer="ones"), (2, 33, 33, 4)),
+    (lambda: layers.Conv2D(3, 1, strides=2, padding="same", bias_initializer="ones"), (2, 34, 34, 4)),
+    (lambda: layers.Conv2D(3, 1, strides=(2, 3), padding="same", bias_initializer="ones"), (2, 35, 34, 4)),
+    (lambda: layers.Conv2D(3, 1, strides=2, data_format="channels_first"), (2, 4, 35, 35)),
+    (lambda: layers.Conv3D(3, 1, strides=2), (2, 5, 9, 9, 2)),
+    (lambda: layers.DepthwiseConv1D(1, strides=2, depth_multiplier=2, bias_initializer="ones"), (2, 34, 3)),
+    (lambda: layers.DepthwiseConv2D(1, strides=2, depth_multiplier=2, use_bias=True, bias_initializer="ones",
+                                    activation="tanh"), (2, 33, 33, 3)),
+    (lambda: layers.DepthwiseConv2D(1, strides=2, padding="same", data_format="channels_first",
+                                    bias_initializer="ones"), (2, 3, 34, 34)),
+    (lambda: layers.SeparableConv1D(4, 1, strides=3, padding="same", bias_initializer="ones"), (2, 35, 3)),
+    (lambda: layers.SeparableConv2D(4, 1, strides=2, padding="same", bias_initializer="ones",
+                                    activation="relu"), (2, 34, 34, 1)),
+    (lambda: layers.SeparableConv2D(4, 1, strides=2, data_format="channels_first"), (2, 3, 33, 33)),
+    (lambda: layers.Conv1DTranspose(3, 1, strides=3, bias_initializer="ones"), (2, 9, 4)),
+    (lambda: layers.Conv2DTranspose(3, 1, strides=2, padding="same", activation="relu"), (2, 9, 8, 4)),
+    (lambda: layers.Conv2DTranspose(3, 1, strides=(3, 2), output_padding=(1, 0), bias_initializer="ones"),
+     (2, 7, 8, 4)),
+    (lambda: layers.Conv2DTranspose(2, 1, strides=2, padding="same", output_padding=1,
+                                    data_format="channels_first"), (2, 3, 7, 7)),
+    (lambda: layers.Conv3DTranspose(2, 1, strides=2), (2, 3, 4, 5, 2)),
+]
 
 
-@pytest.mark.parametrize("index", range(17))
-def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(index):
-    import keras
+@pytest.mark.parametrize("make_layer,shape", STRIDED_POINTWISE_LAYERS)
+def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(make_layer, shape):
     from mtard_tf.models import pointwise_strides
-    make_layer, shape = _strided_pointwise_layers()[index]
     inputs = tf.random.normal(shape, seed=2)
     reference, layer = make_layer(), make_layer()
     reference(inputs)
@@ -176,9 +173,7 @@ def test_the_repaired_layer_computes_the_strided_convolution_and_its_gradients(i
 
 
 def test_only_strided_convolutions_with_a_kernel_of_ones_are_repaired():
-    import keras
     from mtard_tf.models import pointwise_strides
-    layers = keras.layers
     untouched = [layers.Conv2D(3, 3, strides=2), layers.Conv2D(3, 1), layers.DepthwiseConv2D(3, strides=2),
                  layers.SeparableConv2D(3, (1, 3), strides=2), layers.Conv2DTranspose(3, 2, strides=2),
                  layers.Conv2DTranspose(3, 1), layers.MaxPooling2D(1, strides=2)]
