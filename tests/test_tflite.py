@@ -205,10 +205,19 @@ def test_tflite_evaluation_labels_transfer_and_direct_attacks(student_run, tmp_p
         for prefix in ("", "source_"):
             every_attack = np.logical_and.reduce([per_image[prefix + name] for name in kinds if name != "worst_case"])
             np.testing.assert_array_equal(per_image[prefix + "worst_case"], every_attack)
+        # Per class: the deployed model's flags on each class's images, every attack and the worst case.
+        per_class, labels = report["per_class"], per_image["labels"]
+        assert per_class["num_examples"] == [int((labels == k).sum()) for k in range(NUM_CLASSES)]
+        assert sorted(per_class["accuracy"]) == sorted(kinds)
+        for name in kinds:
+            for k, accuracy in enumerate(per_class["accuracy"][name]):
+                assert accuracy == (float(per_image[name][labels == k].mean()) if (labels == k).any() else None)
     markdown = (output_dir / "report.md").read_text()
     assert "| Attack | Kind | Deployed (%) | Float source (%) |" in markdown
     assert "| PGD-SAT | transfer |" in markdown and "| Square (5 queries) | direct |" in markdown
     assert f"ms per image ({tflite.RUNTIME}, median over" in markdown
+    assert "| Class | Images | Clean (%) | PGD-SAT (%) |" in markdown
+    assert markdown.count("\n| " + per_class["class_names"][0] + " | ") == 1
 
 
 def test_missing_source_model_is_one_error_line(mock_metadata_dir, tmp_path):

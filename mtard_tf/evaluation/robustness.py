@@ -330,15 +330,7 @@ def format_markdown(report, title=None):
                  "accuracy under the attack) / 2. AutoAttack = standard version (APGD-CE, APGD-T, FAB-T, Square "
                  "5000 queries), worst case per image. Per-image robust flags: "
                  f"{report.get('per_image', PER_IMAGE_FILE)}.")
-    per_class = report.get("per_class")
-    if per_class:
-        names = list(per_class["accuracy"])
-        lines += ["", "| Class | Images | " + " | ".join(f"{DISPLAY_NAMES.get(n, n)} (%)" for n in names) + " |",
-                  "|---|---:|" + "---:|" * len(names)]
-        for k, class_name in enumerate(per_class["class_names"]):
-            cells = [("–" if per_class["accuracy"][n][k] is None else f"{100 * per_class['accuracy'][n][k]:.2f}")
-                     for n in names]
-            lines.append(f"| {class_name} | {per_class['num_examples'][k]} | " + " | ".join(cells) + " |")
+    lines += per_class_lines(report.get("per_class"))
     selection = report.get("selection")
     if selection:
         lines += ["", selection_sentence(selection)]
@@ -369,6 +361,21 @@ def format_markdown(report, title=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def per_class_lines(per_class):
+    """report.md's per-class table (lines, a blank one first) of a "per_class" entry (per_class_accuracy); none for
+    None."""
+    if not per_class:
+        return []
+    names = list(per_class["accuracy"])
+    lines = ["", "| Class | Images | " + " | ".join(f"{DISPLAY_NAMES.get(n, n)} (%)" for n in names) + " |",
+             "|---|---:|" + "---:|" * len(names)]
+    for k, class_name in enumerate(per_class["class_names"]):
+        cells = [("–" if per_class["accuracy"][n][k] is None else f"{100 * per_class['accuracy'][n][k]:.2f}")
+                 for n in names]
+        lines.append(f"| {class_name} | {per_class['num_examples'][k]} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def per_class_accuracy(correct, labels, class_names):
@@ -541,7 +548,7 @@ def _craft(name, model, x, y, *, epsilon, seed, square_queries):
 
 def evaluate_deployed(deployed, source, dataset, *, epsilon=AttackConfig.epsilon, num_examples=None,
                       batch_size=EvalConfig.batch_size, seed=0, square_queries=EvalConfig.square_queries, output_dir,
-                      progress=True, details=None, title=None):
+                      progress=True, details=None, title=None, class_names=None):
     """Robustness of a deployed model beside the float model it was converted from, on the same images.
 
     `deployed` is a callable images -> logits without gradients (a tflite.TFLiteModel); `source` the float Keras
@@ -553,7 +560,9 @@ def evaluate_deployed(deployed, source, dataset, *, epsilon=AttackConfig.epsilon
 
     Writes report.json ({"attacks": {name: {"kind", accuracy fields of `deployed`, "seconds", "source": the same
     for `source`}}, ...} plus `details`), report.md and per_image.npz (the deployed model's flags by attack name,
-    the source's as "source_<name>") into `output_dir`. Returns the report.
+    the source's as "source_<name>") into `output_dir`. With the dataset's `class_names` (label k is
+    class_names[k]) the report also gives the deployed model's accuracy per class under every attack and the worst
+    case ("per_class", per_class_accuracy), and report.md a table of it. Returns the report.
     """
     epsilon = float(epsilon)
     images, labels = take_examples(dataset, num_examples)
@@ -614,6 +623,8 @@ def evaluate_deployed(deployed, source, dataset, *, epsilon=AttackConfig.epsilon
 
     report = {"attacks": results, "epsilon": epsilon, "num_examples": n, "seed": int(seed),
               "batch_size": int(batch_size), "per_image": PER_IMAGE_FILE, **(details or {})}
+    if class_names is not None:
+        report["per_class"] = per_class_accuracy(correct["deployed"], labels, class_names)
     per_image = {**correct["deployed"], **{SOURCE_PREFIX + name: f for name, f in correct["source"].items()}}
     write_report(output_dir, report, per_image, labels, format_deployed_markdown(report, title))
     return report
@@ -655,4 +666,5 @@ def format_deployed_markdown(report, title=None):
               "model also classifies it correctly clean. Worst case: robust to every attack above (per image); "
               "the deployed model's robustness is this row, not its best one. Per-image robust flags: "
               f"{report.get('per_image', PER_IMAGE_FILE)} (the source's as {SOURCE_PREFIX}<attack>)."]
+    lines += per_class_lines(report.get("per_class"))
     return "\n".join(lines) + "\n"

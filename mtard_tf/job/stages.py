@@ -187,7 +187,8 @@ def evaluate_tflite_stage(config, tflite_path, output_dir):
                                         num_examples=settings.num_examples, batch_size=settings.batch_size,
                                         seed=config.runtime.seed, square_queries=settings.square_queries,
                                         output_dir=output_dir, progress=bool(config.runtime.verbose),
-                                        details=details, title=f"Robustness of {os.path.basename(tflite_path)}")
+                                        details=details, title=f"Robustness of {os.path.basename(tflite_path)}",
+                                        class_names=info.class_names)
 
 
 def training_recipe(summary, summary_path):
