@@ -6,7 +6,7 @@
 #   bash docs/factor_study/run.sh keep       # copy the finished models and evaluations into docs/factor_study/kept
 #   bash docs/factor_study/run.sh strong     # only the teacher-strength rows (a second process may run them)
 #   bash docs/factor_study/run.sh others     # every row but the teacher-strength ones (beside `strong`)
-#   bash docs/factor_study/run.sh wide       # only the wide teacher's rows
+#   bash docs/factor_study/run.sh middle     # the 12-epoch WRN-10-2 teacher and its students (a middle point)
 # What an earlier sitting finished and kept (docs/factor_study/kept/<row>/, same layout as the study's directories)
 # is copied in first, so a sitting on another machine does not train or evaluate it again. An unfinished training's
 # checkpoints stay in STUDY_DIR, out of the repository (a training's state is megabytes per checkpoint): a sitting
@@ -63,25 +63,25 @@ for row in "$KEPT"/*/; do
   [ -d "$row" ] && restore "$row" "$STUDY/$(basename "$row")"
 done
 # Teacher strength: the same clean teacher, a stronger robust teacher, the same students. The preset's teacher trained
-# 12 epochs instead of 3 (strong_teacher/) came out below the mark (SAT's student + 5 AutoAttack points), so the
-# rows' teacher is a wider network, ResNet-18 width 16 trained with PGD-AT for 12 epochs (wide_teacher/); the
-# 12-epoch teacher's students come after, as a middle point.
+# 12 epochs instead of 3 (middle_teacher, strong_teacher/) came out below the mark (SAT's student + 5 AutoAttack
+# points), so the rows' teacher is a wider network, ResNet-18 width 16 trained with PGD-AT for 12 epochs
+# (wide_teacher/). The 12-epoch teacher's own figures are in the study; its students, a middle point, were left out
+# of the CPU budget (`run.sh middle` runs them).
 wide_teacher() {
   copy_teachers "$STUDY/baseline" "$STUDY/wide_teacher" clean
   step "--model_dir=$STUDY/wide_teacher" --robust_teacher_arch=resnet18:width=16 --robust_teacher_method=pgd_at \
     --robust_teacher_epochs=12 --methods=b_mtard,rslad
 }
-strong_teacher() {
-  wide_teacher
+middle_teacher() {
   copy_teachers "$STUDY/baseline" "$STUDY/strong_teacher" clean
   step "--model_dir=$STUDY/strong_teacher" --robust_teacher_epochs=12 --methods=b_mtard,rslad
 }
-if [ "${1:-}" = wide ]; then  # the wide teacher's rows alone
-  wide_teacher
+if [ "${1:-}" = middle ]; then
+  middle_teacher
   exit 0
 fi
 if [ "${1:-}" = strong ]; then  # the teacher-strength rows alone, e.g. beside the others on a second process
-  strong_teacher
+  wide_teacher
   exit 0
 fi
 # Loss scale: each distillation method at the paper's kl_scale (1) and at 10, a variant (flags/variants/kl10.cfg)
@@ -90,11 +90,15 @@ step "--model_dir=$STUDY/baseline" --methods=b_mtard,sat
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10
 step "--model_dir=$STUDY/baseline" --methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades
-[ "${1:-}" = others ] || strong_teacher
+[ "${1:-}" = others ] || wide_teacher
 # Budget: 3x the steps. The distillation methods at the loss scale that won above for both of them, 10
 # (flags/variants/kl10_long.cfg, compared with their @kl10 rows), SAT with flags/variants/long.cfg.
 step "--model_dir=$STUDY/baseline" \
   "--methods=b_mtard,b_mtard@kl10,sat,rslad,rslad@kl10,mtard,mtard@kl10,trades,b_mtard@kl10_long,sat@long,rslad@kl10_long"
+# The re-run of one row: B-MTARD's baseline student trained and evaluated again by the same command, from the same
+# teachers (copied), in a directory of its own (rerun/); compared with baseline/students/b_mtard on the same images.
+copy_teachers "$STUDY/baseline" "$STUDY/rerun" both
+step "--model_dir=$STUDY/rerun" --methods=b_mtard
 # A second seed where a difference is within twice its interval's half-width: MTARD against B-MTARD at kl_scale 10
 # (the same teachers, copied; its comparison in seed1/).
 copy_teachers "$STUDY/baseline" "$STUDY/seed1" both
