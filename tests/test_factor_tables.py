@@ -163,3 +163,20 @@ def test_a_factor_marked_figure_false_is_tabled_but_not_drawn(tmp_path):
     with pytest.raises(UserError, match=r'factor 1 \(loss scale\): "figure" must be true or false, not \'no\''):
         factor_tables.factor_tables(write_spec(tmp_path / "study" / "spec.json", [ROW], figure="no"),
                                     str(tmp_path / "out"))
+
+
+def test_a_model_in_several_rows_is_labelled_once_in_the_figure(tmp_path):
+    """The wide teacher of the study is the variant of two rows (against the preset's teacher and against SAT): one
+    point, one label (the first row's), and an arrow from each baseline."""
+    write_evaluation(tmp_path / "study" / "baseline" / "students" / "b_mtard" / "eval", BASELINE)
+    write_evaluation(tmp_path / "study" / "kl10" / "students" / "b_mtard" / "eval", VARIANT)
+    other = {"clean": flags((0, 12)), "pgd_trades": flags((0, 2)), "autoattack": flags((0, 2))}
+    write_evaluation(tmp_path / "study" / "sat" / "eval", other)
+    against_sat = {**ROW, "label": "B-MTARD, kl_scale 10 (vs SAT)", "baseline": "sat/eval", "baseline_label": "SAT"}
+    result = factor_tables.factor_tables(write_spec(tmp_path / "study" / "spec.json", [ROW, against_sat]),
+                                         str(tmp_path / "out"))
+    (factor,) = factor_tables.plotted_factors(result)
+    assert [len(group["variants"]) for group in factor["groups"]] == [1, 1]  # two arrows...
+    assert factor_tables.point_labels(factor) == [  # ...between three points
+        ("B-MTARD", (20.0, 50.0), "baseline"), ("B-MTARD, kl_scale 10", (50.0, 75.0), "variant"),
+        ("SAT", (10.0, 60.0), "baseline")]

@@ -250,6 +250,20 @@ def _point(evaluation, attack):
     return 100 * evaluation["accuracy"][attack], 100 * evaluation["accuracy"]["clean"]
 
 
+def point_labels(factor):
+    """[(label, (x, y), "baseline" | "variant")] of a factor's panel, one per point: a model that is the variant (or
+    the baseline) of several rows, e.g. a teacher compared with two others, is drawn and labelled once, under its
+    first row's label."""
+    labels, seen = [], set()
+    for group in factor["groups"]:
+        for role, evaluation in [("baseline", group["baseline"])] + [("variant", v) for v in group["variants"]]:
+            point = _point(evaluation, factor["attack"])
+            if point not in seen:
+                seen.add(point)
+                labels.append((evaluation["label"], point, role))
+    return labels
+
+
 def plotted_factors(result):
     """The factors of factors.png: those with a measured row and not marked "figure": false."""
     return [factor for factor in result["factors"] if factor["groups"] and factor["figure"]]
@@ -274,15 +288,16 @@ def plot_factors(result, path):
     for axes, factor in zip(panels.flat, factors):
         attack = factor["attack"]
         for group in factor["groups"]:
-            x, y = _point(group["baseline"], attack)
-            axes.scatter([x], [y], color="tab:gray", zorder=3)
-            axes.annotate(group["baseline"]["label"], (x, y), textcoords="offset points", xytext=(5, -10),
-                          fontsize=8, color="tab:gray")
+            start = _point(group["baseline"], attack)
             for variant in group["variants"]:
-                end = _point(variant, attack)
-                axes.scatter([end[0]], [end[1]], color="tab:blue", s=12, zorder=3)
-                axes.annotate("", end, (x, y), arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
-                axes.annotate(variant["label"], end, textcoords="offset points", xytext=(5, 4), fontsize=8)
+                axes.annotate("", _point(variant, attack), start,
+                              arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
+        for label, (x, y), role in point_labels(factor):
+            baseline = role == "baseline"
+            axes.scatter([x], [y], color="tab:gray" if baseline else "tab:blue", s=None if baseline else 12,
+                         zorder=3)
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10) if baseline else (5, 4),
+                          fontsize=8, color="tab:gray" if baseline else None)
         for color, size, name in (("tab:gray", None, "baseline"), ("tab:blue", 12, "variant")):
             axes.scatter([], [], color=color, s=size, label=name)  # the legend's entries
         reproduce.finish_tradeoff_axes(axes, attack)
