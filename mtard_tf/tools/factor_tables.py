@@ -253,7 +253,7 @@ def _point(evaluation, attack):
 def point_labels(factor):
     """[(label, (x, y), "baseline" | "variant")] of a factor's panel, one per point: a model that is the variant (or
     the baseline) of several rows, e.g. a teacher compared with two others, is drawn and labelled once, under its
-    first row's label."""
+    first row's label (points are told apart by their coordinates, so two models with equal accuracies share one)."""
     labels, seen = [], set()
     for group in factor["groups"]:
         for role, evaluation in [("baseline", group["baseline"])] + [("variant", v) for v in group["variants"]]:
