@@ -250,6 +250,11 @@ def _point(evaluation, attack):
     return 100 * evaluation["accuracy"][attack], 100 * evaluation["accuracy"]["clean"]
 
 
+# How factors.png draws a point by its role: marker colour, marker size (None: matplotlib's default), the label's
+# offset in points and its colour (None: the default).
+POINT_STYLES = {"baseline": ("tab:gray", None, (5, -10), "tab:gray"), "variant": ("tab:blue", 12, (5, 4), None)}
+
+
 def point_labels(factor):
     """[(label, (x, y), "baseline" | "variant")] of a factor's panel, one per point: a model that is the variant (or
     the baseline) of several rows, e.g. a teacher compared with two others, is drawn and labelled once, under its
@@ -293,13 +298,11 @@ def plot_factors(result, path):
                 axes.annotate("", _point(variant, attack), start,
                               arrowprops=dict(arrowstyle="->", color="tab:blue", lw=1.2))
         for label, (x, y), role in point_labels(factor):
-            baseline = role == "baseline"
-            axes.scatter([x], [y], color="tab:gray" if baseline else "tab:blue", s=None if baseline else 12,
-                         zorder=3)
-            axes.annotate(label, (x, y), textcoords="offset points", xytext=(5, -10) if baseline else (5, 4),
-                          fontsize=8, color="tab:gray" if baseline else None)
-        for color, size, name in (("tab:gray", None, "baseline"), ("tab:blue", 12, "variant")):
-            axes.scatter([], [], color=color, s=size, label=name)  # the legend's entries
+            color, size, offset, label_color = POINT_STYLES[role]
+            axes.scatter([x], [y], color=color, s=size, zorder=3)
+            axes.annotate(label, (x, y), textcoords="offset points", xytext=offset, fontsize=8, color=label_color)
+        for role, (color, size, _, _) in POINT_STYLES.items():
+            axes.scatter([], [], color=color, s=size, label=role)  # the legend's entries
         reproduce.finish_tradeoff_axes(axes, attack)
         axes.set_title(factor["name"], fontsize=10)
         axes.legend(loc="best", fontsize=8)
